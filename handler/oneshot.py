@@ -1,0 +1,93 @@
+"""`superres upscale`: files, folders (recursive, relative tree kept) and globs through the same pipeline
+and ledger as watch mode, with a progress bar on a terminal and a summary at the end."""
+
+import glob
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from handler.runtime import open_processor
+from pipeline.errors import ConfigError
+from pipeline.intake import is_temp_name
+from pipeline.process import Source
+
+log = logging.getLogger("superres")
+
+
+def expand_inputs(args: list[str]) -> list[Source]:
+    """Files as named, folders walked (temp and hidden names skipped), globs expanded. Two inputs never
+    share an output name: a later one with a taken relative name is placed under `name (2)`."""
+    sources: list[Source] = []
+    seen_paths: set[str] = set()
+    taken: set[str] = set()
+
+    def add(path: Path, rel: Path, root: Path | None) -> None:
+        key = os.path.abspath(path)
+        if key in seen_paths:
+            return
+        seen_paths.add(key)
+        candidate, n = rel, 2
+        while str(candidate) in taken:
+            candidate = rel.with_name(f"{rel.stem} ({n}){rel.suffix}")
+            n += 1
+        taken.add(str(candidate))
+        sources.append(Source(path, candidate, root))
+
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for name in sorted(filenames):
+                    if not is_temp_name(name):
+                        full = Path(dirpath) / name
+                        add(full, full.relative_to(path), path)
+        elif os.path.lexists(path):
+            add(path, Path(path.name), None)
+        elif glob.has_magic(arg):
+            matches = sorted(glob.glob(arg, recursive=True))
+            if not matches:
+                raise ConfigError(f"no files match {arg!r}")
+            for match in matches:
+                if os.path.isfile(match) and not is_temp_name(os.path.basename(match)):
+                    add(Path(match), Path(os.path.basename(match)), None)
+        else:
+            raise ConfigError(f"no such file or folder: {arg}")
+    return sources
+
+
+def run_upscale(settings, inputs: list[str]) -> int:
+    if settings.outbox is None:
+        raise ConfigError("give an output folder: --out DIR (or SUPERRES_OUTBOX)")
+    sources = expand_inputs(inputs)
+    processor = open_processor(settings)
+    counts = {"done": 0, "duplicate": 0, "failed": 0, "skipped": 0, "retry": 0}
+    pixels = 0
+    started = time.perf_counter()
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(sources), unit="img", file=sys.stderr)
+    for src in sources:
+        result = processor.process(src)
+        counts[result.outcome] += 1
+        pixels += result.output_pixels
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({k: v for k, v in counts.items() if v})
+        else:
+            where = f" -> {result.output}" if result.output else ""
+            print(f"{result.outcome:<9} {src.path}{where}" + (f"  ({result.detail})" if result.detail else ""),
+                  file=sys.stderr, flush=True)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - started
+    rate = pixels / 1e6 / seconds if seconds > 0 else 0.0
+    print(
+        f"done {counts['done']}, duplicate {counts['duplicate']}, failed {counts['failed'] + counts['retry']}, "
+        f"already done {counts['skipped']}; {seconds:.1f} s, {rate:.2f} output Mpx/s"
+    )
+    return 1 if counts["failed"] or counts["retry"] else 0

@@ -1,0 +1,54 @@
+"""Ledger rules: the record of what is claimed, being published, done or failed (pure).
+
+An item is one distinct piece of work: the dedup key `sha256 + model + scale + policy version`.
+States of an item:  (none) -> claimed -> publishing -> done
+- claimed:    someone is upscaling it; a claim is a lease (owner + expiry), taken over when the owner is
+              gone or the lease ran out.
+- publishing: the output is encoded and fsynced under a temporary name; only the rename is left. A
+              process that finds this after a crash finishes the rename (or sees it done) and never
+              upscales again. `engine_runs` is counted on the move to publishing: once per finished upscale.
+- done:       the output exists; the same key again is a duplicate.
+A permanent failure releases the claim (the item row is deleted) and is recorded per source.
+Backends (SQLite here; S3 or DynamoDB for many machines) store rows and apply these rules atomically.
+"""
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+def dedup_key(sha256: str, model: str, scale: int, policy: str) -> str:
+    return f"{sha256}:{model}:x{scale}:{policy}"
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    key: str
+    state: str  # "claimed" | "publishing" | "done"
+    owner: str
+    lease_until: float
+    output: str  # where the output is (done) or goes (claimed/publishing)
+    temp: str | None  # the temporary file (publishing)
+    source: str  # the source that first claimed it
+    engine_runs: int
+    attempts: int
+
+
+class ClaimOutcome(Enum):
+    NEW = "new"  # upscale it
+    RESUME_PUBLISH = "resume_publish"  # an earlier process encoded it: finish the rename
+    DUPLICATE = "duplicate"  # done before: record a duplicate
+    BUSY = "busy"  # another live owner holds it: try later
+
+
+def decide_claim(row: ItemRow | None, *, owner: str, now: float, owner_alive: bool) -> ClaimOutcome:
+    """What to do with a key, given its row (None: never seen) and whether the row's owner still runs."""
+    if row is None:
+        return ClaimOutcome.NEW
+    if row.state == "done":
+        return ClaimOutcome.DUPLICATE
+    held_by_other = row.owner != owner and owner_alive and now < row.lease_until
+    if held_by_other:
+        return ClaimOutcome.BUSY
+    if row.state == "publishing":
+        return ClaimOutcome.RESUME_PUBLISH
+    return ClaimOutcome.NEW

@@ -1,0 +1,133 @@
+"""Bad input gets a clear error and loses nothing: each kind ends in the failed place with a reason that
+names the problem, and the run goes on with the good files."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import DATASETS, SHARED_MODELS, cli_env, make_bad_inputs, superres_cmd
+from handler.cli import main
+from pipeline.process import Source
+
+MODEL = ["--model", "fsrcnn-small-x2", "--model-dir", str(SHARED_MODELS)]
+# the words a person would look for in each reason
+WORDS = {"empty": "empty", "truncated": "truncat", "not_an_image": "not an image", "too_many_pixels": "100000x100000"}
+
+
+def reason(failed_dir, name):
+    return json.loads((failed_dir / f"{name}.error.json").read_text())
+
+
+def test_every_bad_file_is_set_aside_with_a_reason_and_good_files_still_done(tmp_path):
+    inbox = tmp_path / "in"
+    expected = make_bad_inputs(inbox)
+    good = cv2.imread(str(DATASETS / "Set5" / "LR_bicubic" / "X4" / "headx4.png"))
+    cv2.imwrite(str(inbox / "good.png"), good)
+    cv2.imwrite(str(inbox / "one pixel.png"), good[:1, :1])
+    out, failed = tmp_path / "out", tmp_path / "failed"
+
+    assert main(["upscale", str(inbox), "--out", str(out), "--failed", str(failed), *MODEL]) == 1
+
+    for name, code in expected.items():
+        record = reason(failed, name)
+        assert record["error"] == code, record
+        assert WORDS[code] in record["message"].lower(), record
+        assert set(record) >= {"stage", "error", "message", "sha256", "model", "time"}
+        assert (failed / name).read_bytes() == (inbox / name).read_bytes()  # a copy, untouched; the input stays
+        assert not (out / name).exists()
+    assert cv2.imread(str(out / "good.png")).shape == (good.shape[0] * 2, good.shape[1] * 2, 3)
+    one = cv2.imread(str(out / "one pixel.png"))
+    assert one.shape == (2, 2, 3) and np.abs(one.astype(int) - good[0, 0]).max() < 40
+
+
+def test_the_bomb_is_refused_from_its_header_without_decoding(tmp_path):
+    inbox = tmp_path / "in"
+    make_bad_inputs(inbox)
+    # If pixels were decoded, 100000x100000x3 would need 30 GB: the run would die, not finish in seconds.
+    result = subprocess.run(
+        [*superres_cmd(), "upscale", str(inbox / "bomb.png"), "--out", str(tmp_path / "out"), *MODEL],
+        env=cli_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    assert reason(tmp_path / "failed", "bomb.png")["stage"] == "limits"
+
+
+def test_min_side_refuses_tiny_images_with_a_stated_reason(tmp_path):
+    cv2.imwrite(str(tmp_path / "dot.png"), np.zeros((1, 1, 3), np.uint8))
+    assert main(["upscale", str(tmp_path / "dot.png"), "--out", str(tmp_path / "o"), "--min-side", "8", *MODEL]) == 1
+    assert "smaller than the minimum side of 8" in reason(tmp_path / "failed", "dot.png")["message"]
+
+
+def test_symlink_out_of_the_folder_is_refused(tmp_path):
+    inbox, outside = tmp_path / "in", tmp_path / "secret.png"
+    inbox.mkdir()
+    cv2.imwrite(str(outside), np.zeros((8, 8, 3), np.uint8))
+    os.symlink(outside, inbox / "link.png")
+    assert main(["upscale", str(inbox), "--out", str(tmp_path / "o"), *MODEL]) == 1
+    record = reason(tmp_path / "failed", "link.png")
+    assert record["error"] == "symlink_outside" and "outside" in record["message"]
+    assert (inbox / "link.png").is_symlink() and outside.exists()
+
+
+def test_names_with_spaces_unicode_and_newlines(tmp_path):
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    image = cv2.imread(str(DATASETS / "Set5" / "LR_bicubic" / "X4" / "birdx4.png"))
+    names = ["a photo (1).png", "fotó-ünïcødé-写真.png", "line\nbreak.png", "-dash.png"]
+    for i, name in enumerate(names):
+        ok, data = cv2.imencode(".png", image[i:, i:])  # distinct contents
+        (inbox / name).write_bytes(data.tobytes())
+    assert main(["upscale", str(inbox), "--out", str(tmp_path / "o"), *MODEL]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir() if not p.name.startswith(".")) == sorted(names)
+
+
+def test_file_deleted_between_event_and_read_is_recorded(tmp_path):
+    from handler.runtime import open_processor
+    from pipeline.settings import load_settings
+
+    settings = load_settings(outbox=tmp_path / "o", failed=tmp_path / "f", model="fsrcnn-small-x2", model_dir=SHARED_MODELS)
+    processor = open_processor(settings)
+    result = processor.process(Source(tmp_path / "gone.jpg", tmp_path.joinpath("gone.jpg").relative_to(tmp_path)))
+    assert result.outcome == "failed"
+    record = reason(tmp_path / "f", "gone.jpg")
+    assert record["error"] == "vanished" and "disappeared" in record["message"]
+
+
+@pytest.fixture
+def open_tmp():
+    """A temp folder `nobody` can use (pytest's own tmp_path sits in a root-only folder)."""
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="superres-test-")
+    os.chmod(path, 0o777)
+    yield __import__("pathlib").Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_unreadable_file_is_recorded_not_crashed(open_tmp):
+    """chmod 000. Root reads anything, so as root the run drops to `nobody` for real."""
+    tmp_path = open_tmp
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    image = cv2.imread(str(DATASETS / "Set5" / "LR_bicubic" / "X4" / "babyx4.png"))
+    cv2.imwrite(str(inbox / "locked.png"), image)
+    cv2.imwrite(str(inbox / "open.png"), image[1:])
+    os.chmod(inbox / "locked.png", 0)
+    preexec = None
+    if os.geteuid() == 0:
+        os.chmod(inbox, 0o777)
+        preexec = lambda: (os.setgid(65534), os.setuid(65534))  # noqa: E731
+    result = subprocess.run(
+        [*superres_cmd(), "upscale", str(inbox), "--out", str(tmp_path / "o"), "--failed", str(tmp_path / "f"), *MODEL],
+        env=cli_env(HOME=str(tmp_path)), capture_output=True, text=True, timeout=120, preexec_fn=preexec, cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stderr
+    record = reason(tmp_path / "f", "locked.png")
+    assert record["error"] == "unreadable" and "permission" in record["message"]
+    assert (tmp_path / "o" / "open.png").exists()
