@@ -10,7 +10,7 @@ from pathlib import Path
 from handler.inbox_watch import InboxWatcher
 from handler.runtime import open_processor
 from pipeline.errors import ConfigError
-from pipeline.process import Source
+from pipeline.process import Result, Source
 
 log = logging.getLogger("superres")
 
@@ -50,7 +50,11 @@ def run_watch(settings) -> int:
             path = _next(watcher, retries, inbox)
             if path is None:
                 continue
-            result = processor.process(Source(path, Path(path.name), inbox))
+            try:
+                result = processor.process(Source(path, Path(path.name), inbox))
+            except Exception as exc:  # e.g. the failed place itself is not writable: retry later, keep running
+                log.exception("could not settle %r", path.name)
+                result = Result(Source(path, Path(path.name), inbox), "retry", detail=str(exc))
             log.info("item", extra={"fields": {"name": path.name, "outcome": result.outcome,
                                                "output": str(result.output or ""), "detail": result.detail,
                                                **{f"{k}_s": round(v, 4) for k, v in result.seconds.items()}}})

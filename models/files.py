@@ -42,9 +42,7 @@ class _Digests:
     def __init__(self, blob_size: int | None):
         self.size = 0
         self.sha256 = hashlib.sha256()
-        self.blob = None
-        if blob_size is not None:
-            self.blob = hashlib.sha1(b"blob %d\0" % blob_size)
+        self.blob = hashlib.sha1(b"blob %d\0" % blob_size) if blob_size is not None else None
 
     def update(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -170,6 +168,9 @@ def _download_to(spec: ModelSpec, url: str, tmp: Path, timeout_s: float) -> _Dig
                 out.write(chunk)
             out.flush()
             os.fsync(out.fileno())
+    # http.client returns a short body at EOF rather than raising: say plainly the server hung up.
+    if announced is not None and digests.size != announced:
+        raise DownloadError(f"connection closed after {digests.size} of {announced} bytes")
     if spec.git_blob_sha1 is not None and blob_size != digests.size:
         digests = _digest_file(tmp)  # no (or a wrong) length up front: hash again with the real one
     return digests

@@ -31,12 +31,6 @@ def check_dimensions(width: int, height: int, frames: int, limits: Limits) -> No
             stage="limits",
             code="too_small",
         )
-    if width > limits.max_side or height > limits.max_side:
-        raise InputRejected(
-            f"the image is {width}x{height}, a side is over the limit of {limits.max_side} px",
-            stage="limits",
-            code="too_large",
-        )
     pixels = width * height * max(frames, 1)
     if pixels > limits.max_pixels:
         raise InputRejected(
@@ -45,4 +39,10 @@ def check_dimensions(width: int, height: int, frames: int, limits: Limits) -> No
             + f" = {pixels} pixels, over the limit of {limits.max_pixels} (decompression bomb guard)",
             stage="limits",
             code="too_many_pixels",
+        )
+    if width > limits.max_side or height > limits.max_side:
+        raise InputRejected(
+            f"the image is {width}x{height}, a side is over the limit of {limits.max_side} px",
+            stage="limits",
+            code="too_large",
         )

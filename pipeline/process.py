@@ -160,6 +160,10 @@ class Processor:
         except TransientError as exc:
             log.warning("will retry %r: %s", str(src.rel), exc.message)
             return Result(src, "retry", detail=exc.message)
+        except Exception as exc:  # a bug must cost one item, not the process; the input is set aside with the reason
+            log.exception("unexpected error on %r", str(src.rel))
+            error = InputRejected(f"internal error: {type(exc).__name__}: {exc}", stage="internal", code="internal_error")
+            return self._fail(src, error, sha, size, mtime_ns, key)
 
     def _upscale(self, data: bytes, header, timings: dict) -> tuple[bytes, int]:
         t = time.perf_counter()

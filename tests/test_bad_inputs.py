@@ -99,35 +99,21 @@ def test_file_deleted_between_event_and_read_is_recorded(tmp_path):
     assert record["error"] == "vanished" and "disappeared" in record["message"]
 
 
-@pytest.fixture
-def open_tmp():
-    """A temp folder `nobody` can use (pytest's own tmp_path sits in a root-only folder)."""
-    import tempfile
-
-    path = tempfile.mkdtemp(prefix="superres-test-")
-    os.chmod(path, 0o777)
-    yield __import__("pathlib").Path(path)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def test_unreadable_file_is_recorded_not_crashed(open_tmp):
-    """chmod 000. Root reads anything, so as root the run drops to `nobody` for real."""
-    tmp_path = open_tmp
+def test_unreadable_file_is_recorded_not_crashed(tmp_path):
+    """chmod 000. Root reads anything, so as root the run gives up the capabilities that let it."""
     inbox = tmp_path / "in"
     inbox.mkdir()
     image = cv2.imread(str(DATASETS / "Set5" / "LR_bicubic" / "X4" / "babyx4.png"))
     cv2.imwrite(str(inbox / "locked.png"), image)
     cv2.imwrite(str(inbox / "open.png"), image[1:])
     os.chmod(inbox / "locked.png", 0)
-    preexec = None
-    if os.geteuid() == 0:
-        os.chmod(inbox, 0o777)
-        preexec = lambda: (os.setgid(65534), os.setuid(65534))  # noqa: E731
+    as_user = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
     result = subprocess.run(
-        [*superres_cmd(), "upscale", str(inbox), "--out", str(tmp_path / "o"), "--failed", str(tmp_path / "f"), *MODEL],
-        env=cli_env(HOME=str(tmp_path)), capture_output=True, text=True, timeout=120, preexec_fn=preexec, cwd=tmp_path,
+        [*as_user, *superres_cmd(), "upscale", str(inbox), "--out", str(tmp_path / "o"), "--failed", str(tmp_path / "f"), *MODEL],
+        env=cli_env(), capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 1, result.stderr
     record = reason(tmp_path / "f", "locked.png")
     assert record["error"] == "unreadable" and "permission" in record["message"]
     assert (tmp_path / "o" / "open.png").exists()
+    assert (inbox / "locked.png").exists()  # still where it was

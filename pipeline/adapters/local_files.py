@@ -28,23 +28,21 @@ def read_limited(path: Path, max_bytes: int, *, root: Path | None = None) -> tup
                             stage="read", code="vanished") from None
     except PermissionError:
         raise InputRejected("the file is not readable (permission denied)", stage="read", code="unreadable") from None
-    except IsADirectoryError:
-        raise InputRejected("this is a directory, not an image file", stage="read", code="is_directory") from None
     except OSError as exc:
         raise TransientError(f"cannot open the file: {exc.strerror}", stage="read") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
         if stat.S_ISDIR(st.st_mode):
             raise InputRejected("this is a directory, not an image file", stage="read", code="is_directory")
-        if not stat.S_ISREG(st.st_mode):
-            raise InputRejected("this is not a regular file (device, FIFO or socket)", stage="read", code="not_a_file")
-        if st.st_size > max_bytes:
-            raise InputRejected(f"the file is {st.st_size} bytes, more than the limit of {max_bytes} bytes",
-                                stage="read", code="too_many_bytes")
+        raise InputRejected("this is not a regular file (device, FIFO or socket)", stage="read", code="not_a_file")
+    if st.st_size > max_bytes:
+        os.close(fd)
+        raise InputRejected(f"the file is {st.st_size} bytes, more than the limit of {max_bytes} bytes",
+                            stage="read", code="too_many_bytes")
+    with os.fdopen(fd, "rb") as f:
         try:
             data = f.read(max_bytes + 1)
-        except IsADirectoryError:
-            raise InputRejected("this is a directory, not an image file", stage="read", code="is_directory") from None
         except OSError as exc:
             raise TransientError(f"reading the file failed: {exc.strerror}", stage="read") from None
     if len(data) > max_bytes:

@@ -1,0 +1,73 @@
+"""The command line as a user meets it: exit codes, one-line errors, settings from flags or SUPERRES_*."""
+
+import json
+import subprocess
+
+import cv2
+import pytest
+
+from conftest import DATASETS, SHARED_MODELS, cli_env, superres_cmd
+from handler.cli import main
+
+
+def run(*args, **env):
+    return subprocess.run([*superres_cmd(), *args], env=cli_env(**env), capture_output=True, text=True, timeout=120)
+
+
+def test_info_reports_engine_device_model_and_settings():
+    result = run("info", "--model", "espcn-x4")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert (doc["engine"], doc["device"], doc["model"], doc["scale"]) == ("opencv", "cpu", "espcn-x4", 4)
+    assert doc["settings"]["model_dir"] == str(SHARED_MODELS)
+
+
+def test_cuda_on_a_cpu_only_opencv_is_a_clear_start_up_error():
+    result = run("info", "--model", "espcn-x2", "--device", "cuda")
+    assert result.returncode == 2
+    assert "no CUDA support" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args, env, words",
+    [
+        (["info", "--model", "nosuch-x9"], {}, "unknown model"),
+        (["info"], {"SUPERRES_MODEL": "espcn-x2", "SUPERRES_MODEL_DIR": "/nonexistent"}, "not found"),
+        (["info", "--model", "espcn-x2"], {"SUPERRES_TILE": "-5"}, "tile"),
+        (["upscale", "/no/such/file.png", "--out", "/tmp/x", "--model", "espcn-x2"], {}, "no such file"),
+    ],
+)
+def test_bad_configuration_exits_2_with_one_line(args, env, words):
+    result = run(*args, **env)
+    assert result.returncode == 2, result.stderr
+    assert words in result.stderr.lower() and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_settings_come_from_the_environment_too(tmp_path):
+    image = DATASETS / "Set5" / "LR_bicubic" / "X4" / "birdx4.png"
+    result = run("upscale", str(image), SUPERRES_OUTBOX=str(tmp_path / "o"), SUPERRES_MODEL="fsrcnn-small-x4",
+                 SUPERRES_FORMAT="webp")
+    assert result.returncode == 0, result.stderr
+    out = cv2.imread(str(tmp_path / "o" / "birdx4.png.webp"))
+    assert out.shape[:2] == tuple(4 * s for s in cv2.imread(str(image)).shape[:2])
+    assert "done 1, duplicate 0, failed 0" in result.stdout
+
+
+def test_models_list_marks_missing_weights():
+    result = run("models", "list")
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+    assert len(lines) == 15
+    assert "ok" in lines["fsrcnn-x3"] and "missing" in lines["edsr-x3"]
+
+
+def test_models_verify_passes_on_the_shared_models():
+    result = run("models", "verify")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(" ok") == 12
+
+
+def test_in_process_main_returns_the_exit_code(tmp_path):
+    assert main(["upscale", str(tmp_path / "missing.png"), "--out", str(tmp_path), "--model", "espcn-x2"]) == 2

@@ -1,0 +1,85 @@
+"""`superres upscale` on files, folders and globs: relative trees, no overwrites, dedup, restarts."""
+
+import shutil
+
+import cv2
+import numpy as np
+
+from conftest import DATASETS, SHARED_MODELS
+from handler.cli import main
+
+MODEL = ["--model", "fsrcnn-small-x3", "--model-dir", str(SHARED_MODELS)]
+
+
+def visible_files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and ".superres" not in p.parts)
+
+
+def test_folder_tree_kept_and_same_stem_never_overwrites(tmp_path, small_images):
+    scans = tmp_path / "scans"
+    (scans / "box 1").mkdir(parents=True)
+    shutil.copy(small_images[0], scans / "a.jpg")
+    shutil.copy(small_images[1], scans / "a.png")
+    shutil.copy(small_images[3], scans / "box 1" / "c.png")
+    (scans / "box 1" / "ignored.part").write_bytes(b"still downloading")
+    out = tmp_path / "out"
+    assert main(["upscale", str(scans), "--out", str(out), *MODEL]) == 0
+    assert visible_files(out) == ["a.jpg", "a.png", "box 1/c.png"]
+    assert cv2.imread(str(out / "a.png")).shape[:2] == tuple(3 * s for s in cv2.imread(str(scans / "a.png")).shape[:2])
+
+
+def test_globs_and_files_and_a_forced_format(tmp_path, small_images):
+    out = tmp_path / "out"
+    pattern = str(small_images[0].parent / "img0[0-3].*")
+    assert main(["upscale", pattern, str(small_images[5]), "--out", str(out), "--format", "png", *MODEL]) == 0
+    assert visible_files(out) == ["img00.jpg.png", "img01.png", "img02.jpg.png", "img03.png", "img05.png"]
+
+
+def test_same_bytes_under_another_name_or_again_are_not_upscaled_again(tmp_path, small_images, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(small_images[3], src / "first.png")
+    shutil.copy(small_images[3], src / "second.png")
+    out = tmp_path / "out"
+    assert main(["upscale", str(src), "--out", str(out), *MODEL]) == 0
+    assert "done 1, duplicate 1" in capsys.readouterr().out
+    assert (out / "first.png").read_bytes() == (out / "second.png").read_bytes()  # the duplicate got a copy
+    # a second run (a restart) does nothing again
+    assert main(["upscale", str(src), "--out", str(out), *MODEL]) == 0
+    assert "done 0, duplicate 0, failed 0, already done 2" in capsys.readouterr().out
+    # the same bytes dropped under a third name, in a later run
+    shutil.copy(small_images[3], src / "third.png")
+    assert main(["upscale", str(src / "third.png"), "--out", str(out), "--on-duplicate", "record", *MODEL]) == 0
+    assert "duplicate 1" in capsys.readouterr().out
+    assert not (out / "third.png").exists()
+    import sqlite3
+
+    runs = sqlite3.connect(out / ".superres" / "ledger.sqlite3").execute("SELECT SUM(engine_runs) FROM items").fetchone()
+    assert runs == (1,)
+
+
+def test_another_model_is_another_item(tmp_path, small_images, capsys):
+    out = tmp_path / "out"
+    assert main(["upscale", str(small_images[1]), "--out", str(out), *MODEL]) == 0
+    assert main(["upscale", str(small_images[1]), "--out", str(tmp_path / "out2"), "--ledger",
+                 str(out / ".superres" / "ledger.sqlite3"), "--model", "espcn-x3", "--model-dir", str(SHARED_MODELS)]) == 0
+    assert capsys.readouterr().out.count("done 1") == 2
+
+
+def test_cap_policy_shrinks_first_like_the_seed(tmp_path):
+    big = cv2.imread(str(DATASETS / "Set14" / "HR" / "comic.png"))
+    cv2.imwrite(str(tmp_path / "big.png"), big)
+    out = tmp_path / "out"
+    assert main(["upscale", str(tmp_path / "big.png"), "--out", str(out), "--policy", "cap", "--cap-side", "100", *MODEL]) == 0
+    h, w = cv2.imread(str(out / "big.png")).shape[:2]
+    assert max(h, w) == 300
+    assert main(["upscale", str(tmp_path / "big.png"), "--out", str(tmp_path / "full"), *MODEL]) == 0
+    assert cv2.imread(str(tmp_path / "full" / "big.png")).shape[:2] == (big.shape[0] * 3, big.shape[1] * 3)
+
+
+def test_progress_lines_and_summary_when_not_a_terminal(tmp_path, small_images, capsys):
+    assert main(["upscale", *map(str, small_images[:3]), "--out", str(tmp_path / "o"), *MODEL]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("done ") >= 3
+    assert "output Mpx/s" in captured.out
+    assert np.all([cv2.imread(str(tmp_path / "o" / p.name)) is not None for p in small_images[:3]])
