@@ -14,6 +14,7 @@ Backends (SQLite here; S3 or DynamoDB for many machines) store rows and apply th
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 
 def dedup_key(sha256: str, model: str, scale: int, policy: str) -> str:
@@ -52,3 +53,51 @@ def decide_claim(row: ItemRow | None, *, owner: str, now: float, owner_alive: bo
     if row.state == "publishing":
         return ClaimOutcome.RESUME_PUBLISH
     return ClaimOutcome.NEW
+
+
+class Ledger(Protocol):
+    """What the pipeline needs from a ledger backend. Each call is atomic in the backend.
+
+    `fingerprint` is a cheap identity of a source as seen (files: "size:mtime_ns"; S3: "size:etag") so a
+    rescan can skip what is settled without reading it. `source` and `output` are ids/URLs (a path or s3://…).
+    """
+
+    owner: str
+
+    def claim(self, key: str, *, source: str, output: str) -> tuple[ClaimOutcome, ItemRow | None]:
+        """Apply `decide_claim`; on NEW (or a take-over) the row becomes `claimed` by `owner`, attempts+1."""
+
+    def renew(self, key: str) -> None:
+        """Heartbeat: push the lease of our claim forward (long items)."""
+
+    def mark_publishing(self, key: str, temp: str | None) -> None:
+        """claimed -> publishing, engine_runs+1; `temp` is where the staged output waits (None if none)."""
+
+    def mark_done(self, key: str, *, source: str, fingerprint: str | None, sha256: str, output: str) -> None:
+        """-> done, and the source settled as done."""
+
+    def mark_item_done(self, key: str) -> None:
+        """-> done without a source (start-up recovery of an orphaned publish)."""
+
+    def reopen(self, key: str) -> None:
+        """Forget a done item whose output was removed, so it is upscaled again."""
+
+    def release(self, key: str) -> None:
+        """Give back our `claimed` row (failure, or retry later)."""
+
+    def release_any(self, key: str) -> None:
+        """Drop a not-done row whoever holds it (recovery found nothing to finish)."""
+
+    def record_source(self, source: str, *, fingerprint: str | None, sha256: str | None, key: str | None,
+                      outcome: str, output: str | None, detail: str | None) -> None:
+        """Settle a source: done | duplicate | failed."""
+
+    def settled(self, source: str, fingerprint: str) -> str | None:
+        """The outcome recorded for this source with this fingerprint, if any."""
+
+    def orphaned_publishes(self) -> list[ItemRow]:
+        """Rows left in `publishing` by owners that are gone or whose lease ran out."""
+
+    def item(self, key: str) -> ItemRow | None: ...
+
+    def close(self) -> None: ...

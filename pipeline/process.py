@@ -97,21 +97,21 @@ class Processor:
     def process(self, src: Source) -> Result:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
-        size = mtime_ns = sha = key = None
+        fingerprint = sha = key = None
         try:
             try:
                 st = src.path.lstat()
-                size, mtime_ns = st.st_size, st.st_mtime_ns
+                fingerprint = f"{st.st_size}:{st.st_mtime_ns}"
             except OSError:
                 pass
-            if size is not None and mtime_ns is not None:
-                done_before = self.ledger.settled(str(src.path), size, mtime_ns)
+            if fingerprint is not None:
+                done_before = self.ledger.settled(str(src.path), fingerprint)
                 if done_before is not None:
                     if done_before != "failed":
                         self._dispose(src)  # a crash may have come between the ledger and the disposition
                     return Result(src, "skipped", detail=f"already {done_before}")
             data, st = local_files.read_limited(src.path, self.opt.limits.max_bytes, root=src.root)
-            size, mtime_ns = st.st_size, st.st_mtime_ns
+            fingerprint = f"{st.st_size}:{st.st_mtime_ns}"
             check_size(len(data), self.opt.limits)
             sha = hashlib.sha256(data).hexdigest()
             timings["read"] = time.perf_counter() - t0
@@ -126,7 +126,7 @@ class Processor:
                 raise TransientError(f"another worker ({row.owner}) is processing the same content", stage="dedup")
             if outcome is ClaimOutcome.DUPLICATE and Path(row.output) == out_path and out_path.exists():
                 # this very input was finished before a crash or restart: settle it, no work
-                self.ledger.mark_done(key, source=str(src.path), size=size, mtime_ns=mtime_ns, sha256=sha, output=row.output)
+                self.ledger.mark_done(key, source=str(src.path), fingerprint=fingerprint, sha256=sha, output=row.output)
                 self._dispose(src)
                 return Result(src, "skipped", out_path, "already done")
             if outcome is ClaimOutcome.DUPLICATE:
@@ -135,10 +135,10 @@ class Processor:
                     self.ledger.reopen(key)  # the first output was removed: do the work again
                     outcome, row = self.ledger.claim(key, source=str(src.path), output=str(out_path))
                 else:
-                    return self._duplicate(src, first, out_path, key, sha, size, mtime_ns)
+                    return self._duplicate(src, first, out_path, key, sha, fingerprint)
             if outcome is ClaimOutcome.RESUME_PUBLISH:
                 self._finish_publish(row)
-                self.ledger.mark_done(key, source=str(src.path), size=size, mtime_ns=mtime_ns, sha256=sha, output=row.output)
+                self.ledger.mark_done(key, source=str(src.path), fingerprint=fingerprint, sha256=sha, output=row.output)
                 self._dispose(src)
                 return Result(src, "done", Path(row.output), "resumed an interrupted publish")
             try:
@@ -148,7 +148,7 @@ class Processor:
                 local_files.write_temp(encoded, temp)
                 self.ledger.mark_publishing(key, str(temp))
                 local_files.commit_temp(temp, out_path)
-                self.ledger.mark_done(key, source=str(src.path), size=size, mtime_ns=mtime_ns, sha256=sha, output=str(out_path))
+                self.ledger.mark_done(key, source=str(src.path), fingerprint=fingerprint, sha256=sha, output=str(out_path))
                 timings["publish"] = time.perf_counter() - t
             except BaseException:
                 self.ledger.release(key)
@@ -156,14 +156,14 @@ class Processor:
             self._dispose(src)
             return Result(src, "done", out_path, seconds=timings, output_pixels=pixels)
         except InputRejected as exc:
-            return self._fail(src, exc, sha, size, mtime_ns, key)
+            return self._fail(src, exc, sha, fingerprint, key)
         except TransientError as exc:
             log.warning("will retry %r: %s", str(src.rel), exc.message)
             return Result(src, "retry", detail=exc.message)
         except Exception as exc:  # a bug must cost one item, not the process; the input is set aside with the reason
             log.exception("unexpected error on %r", str(src.rel))
             error = InputRejected(f"internal error: {type(exc).__name__}: {exc}", stage="internal", code="internal_error")
-            return self._fail(src, error, sha, size, mtime_ns, key)
+            return self._fail(src, error, sha, fingerprint, key)
 
     def _upscale(self, data: bytes, header, timings: dict) -> tuple[bytes, int]:
         t = time.perf_counter()
@@ -216,17 +216,17 @@ class Processor:
         elif not Path(row.output).exists():
             raise TransientError("an interrupted publish left neither the temporary file nor the output", stage="publish")
 
-    def _duplicate(self, src, first: Path, out_path: Path, key, sha, size, mtime_ns) -> Result:
+    def _duplicate(self, src, first: Path, out_path: Path, key, sha, fingerprint) -> Result:
         output = None
         if first != out_path and self.opt.on_duplicate == "copy":
             local_files.copy_file_atomic(first, out_path, self._temp("duplicate"))
             output = out_path
-        self.ledger.record_source(str(src.path), size=size, mtime_ns=mtime_ns, sha256=sha, key=key,
+        self.ledger.record_source(str(src.path), fingerprint=fingerprint, sha256=sha, key=key,
                                   outcome="duplicate", output=str(output or first), detail=f"duplicate of {first}")
         self._dispose(src)
         return Result(src, "duplicate", output or first, detail=f"same content as {first.name}")
 
-    def _fail(self, src: Source, exc: InputRejected, sha, size, mtime_ns, key) -> Result:
+    def _fail(self, src: Source, exc: InputRejected, sha, fingerprint, key) -> Result:
         record = {
             "stage": exc.stage, "error": exc.code, "message": exc.message, "sha256": sha,
             "model": self.spec.name, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -237,7 +237,7 @@ class Processor:
         failed_path = local_files.unique_path(self.opt.failed / src.rel)  # an earlier failure of that name stays
         local_files.write_failure(record, src.path, failed_path,
                                   move_input=self.opt.disposition != "keep", tmp_dir=self.failed_tmp_dir)
-        self.ledger.record_source(str(src.path), size=size, mtime_ns=mtime_ns, sha256=sha, key=key,
+        self.ledger.record_source(str(src.path), fingerprint=fingerprint, sha256=sha, key=key,
                                   outcome="failed", output=str(failed_path), detail=exc.message)
         log.warning("failed %r at %s: %s", str(src.rel), exc.stage, exc.message)
         return Result(src, "failed", failed_path, f"{exc.stage}: {exc.message}")

@@ -82,3 +82,6 @@ def make_bad_inputs(folder: Path) -> dict[str, str]:
     for name, (data, _) in files.items():
         (folder / name).write_bytes(data)
     return {name: code for name, (_, code) in files.items()}
+
+
+from moto_server import moto_endpoint, moto_server_url  # noqa: E402,F401  (fixtures for S3/SQS tests)

@@ -48,11 +48,11 @@ def test_sqlite_ledger_life_of_an_item(tmp_path):
     outcome, _ = ledger.claim("k", source="/in/a", output="/out/a")
     assert outcome is ClaimOutcome.NEW
     ledger.mark_publishing("k", "/tmp/x")
-    ledger.mark_done("k", source="/in/a", size=3, mtime_ns=7, sha256="ab", output="/out/a")
+    ledger.mark_done("k", source="/in/a", fingerprint="3:7", sha256="ab", output="/out/a")
     outcome, found = ledger.claim("k", source="/in/b", output="/out/b")
     assert outcome is ClaimOutcome.DUPLICATE and found.output == "/out/a"
-    assert ledger.settled("/in/a", 3, 7) == "done"
-    assert ledger.settled("/in/a", 3, 8) is None  # changed file: not settled
+    assert ledger.settled("/in/a", "3:7") == "done"
+    assert ledger.settled("/in/a", "3:8") is None  # changed file: not settled
     assert ledger.item("k").engine_runs == 1
 
 
@@ -78,6 +78,6 @@ def test_release_and_reopen(tmp_path):
     ledger.release("k")
     assert ledger.item("k") is None
     ledger.claim("k", source="/in/a", output="/out/a")
-    ledger.mark_done("k", source="/in/a", size=1, mtime_ns=1, sha256="ab", output="/out/a")
+    ledger.mark_done("k", source="/in/a", fingerprint="1:1", sha256="ab", output="/out/a")
     ledger.reopen("k")
     assert ledger.claim("k", source="/in/a", output="/out/a")[0] is ClaimOutcome.NEW

@@ -24,8 +24,7 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE TABLE IF NOT EXISTS sources (
     source TEXT PRIMARY KEY,
-    size INTEGER,
-    mtime_ns INTEGER,
+    fingerprint TEXT,        -- cheap identity of the source as seen: size:mtime_ns (files), size:etag (S3)
     sha256 TEXT,
     key TEXT,
     outcome TEXT NOT NULL,   -- done | duplicate | failed
@@ -107,18 +106,22 @@ class SQLiteLedger:
                            (self.owner, now + self.lease_s, now, key))
             return outcome, self._row(db, key)
 
-    def mark_publishing(self, key: str, temp: str) -> None:
+    def renew(self, key: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE items SET lease_until=? WHERE key=? AND owner=?", (time.time() + self.lease_s, key, self.owner))
+
+    def mark_publishing(self, key: str, temp: str | None) -> None:
         with self._tx() as db:
             db.execute(
                 "UPDATE items SET state='publishing', temp=?, engine_runs=engine_runs+1, updated=? WHERE key=? AND owner=?",
                 (temp, time.time(), key, self.owner),
             )
 
-    def mark_done(self, key: str, *, source: str, size: int, mtime_ns: int, sha256: str, output: str) -> None:
+    def mark_done(self, key: str, *, source: str, fingerprint: str | None, sha256: str, output: str) -> None:
         now = time.time()
         with self._tx() as db:
             db.execute("UPDATE items SET state='done', temp=NULL, output=?, updated=? WHERE key=?", (output, now, key))
-            self._settle(db, source, size, mtime_ns, sha256, key, "done", output, None, now)
+            self._settle(db, source, fingerprint, sha256, key, "done", output, None, now)
 
     def reopen(self, key: str) -> None:
         """The done item's output is gone (deleted by someone): forget it so the next claim upscales again."""
@@ -146,23 +149,23 @@ class SQLiteLedger:
         with self._tx() as db:
             db.execute("DELETE FROM items WHERE key=? AND owner=? AND state='claimed'", (key, self.owner))
 
-    def record_source(self, source: str, *, size: int | None, mtime_ns: int | None, sha256: str | None,
-                      key: str | None, outcome: str, output: str | None, detail: str | None) -> None:
+    def record_source(self, source: str, *, fingerprint: str | None, sha256: str | None, key: str | None,
+                      outcome: str, output: str | None, detail: str | None) -> None:
         with self._tx() as db:
-            self._settle(db, source, size, mtime_ns, sha256, key, outcome, output, detail, time.time())
+            self._settle(db, source, fingerprint, sha256, key, outcome, output, detail, time.time())
 
     @staticmethod
-    def _settle(db, source, size, mtime_ns, sha256, key, outcome, output, detail, now) -> None:
+    def _settle(db, source, fingerprint, sha256, key, outcome, output, detail, now) -> None:
         db.execute(
-            "INSERT OR REPLACE INTO sources (source, size, mtime_ns, sha256, key, outcome, output, detail, updated)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (source, size, mtime_ns, sha256, key, outcome, output, detail, now),
+            "INSERT OR REPLACE INTO sources (source, fingerprint, sha256, key, outcome, output, detail, updated)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (source, fingerprint, sha256, key, outcome, output, detail, now),
         )
 
-    def settled(self, source: str, size: int, mtime_ns: int) -> str | None:
-        """The outcome already recorded for this exact file (same size and mtime), if any."""
-        r = self._db.execute("SELECT outcome FROM sources WHERE source=? AND size=? AND mtime_ns=?",
-                             (source, size, mtime_ns)).fetchone()
+    def settled(self, source: str, fingerprint: str) -> str | None:
+        """The outcome already recorded for this source as it is now (same fingerprint), if any."""
+        r = self._db.execute("SELECT outcome FROM sources WHERE source=? AND fingerprint=?",
+                             (source, fingerprint)).fetchone()
         return r[0] if r else None
 
     def item(self, key: str) -> ItemRow | None:
