@@ -26,7 +26,7 @@ def _engine_options() -> argparse.ArgumentParser:
 def _pipeline_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("pipeline")
-    g.add_argument("--failed", type=Path, help="where failed inputs and their NAME.error.json go (default: OUT/../failed)")
+    g.add_argument("--failed", help="folder or s3:// prefix for failed inputs and NAME.error.json (default: beside the outbox)")
     g.add_argument("--policy", choices=["tile", "cap"], help="tile: full resolution (default); cap: shrink to --cap-side first")
     g.add_argument("--tile", type=int, help="tile side in input pixels")
     g.add_argument("--cap-side", type=int)
@@ -38,6 +38,7 @@ def _pipeline_options() -> argparse.ArgumentParser:
     g.add_argument("--no-dedup", dest="dedup", action="store_const", const=False)
     g.add_argument("--ledger", type=Path, help="ledger file (default: OUT/.superres/ledger.sqlite3)")
     g.add_argument("--log-format", choices=["text", "json"])
+    g.add_argument("--s3-endpoint-url", help="S3/SQS endpoint (moto, MinIO); default AWS")
     return p
 
 
@@ -47,17 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
     engine, pipeline = _engine_options(), _pipeline_options()
 
     up = sub.add_parser("upscale", parents=[engine, pipeline], help="upscale files, folders (recursive) and globs")
-    up.add_argument("inputs", nargs="+", help="files, folders or glob patterns")
-    up.add_argument("--out", dest="outbox", type=Path, help="output folder (SUPERRES_OUTBOX)")
+    up.add_argument("inputs", nargs="+", help="files, folders, glob patterns or s3://bucket/key-or-prefix")
+    up.add_argument("--out", dest="outbox", help="output folder or s3://bucket/prefix/ (SUPERRES_OUTBOX)")
 
     w = sub.add_parser("watch", parents=[engine, pipeline], help="upscale files dropped into an inbox folder")
-    w.add_argument("--inbox", type=Path)
-    w.add_argument("--outbox", type=Path)
-    w.add_argument("--processed", type=Path, help="where settled inputs go with --disposition move (default: INBOX/processed)")
+    w.add_argument("--inbox", help="folder, or s3://bucket/prefix/ (polled)")
+    w.add_argument("--outbox", help="folder or s3://bucket/prefix/")
+    w.add_argument("--processed", help="where settled inputs go with --disposition move (default: INBOX/processed)")
     w.add_argument("--disposition", choices=["keep", "move", "delete"], help="what to do with an input once settled")
     w.add_argument("--poll", action="store_const", const=True, help="poll (network/FUSE mounts): take files once size+mtime are stable")
     w.add_argument("--settle-s", type=float)
-    w.add_argument("--rescan-s", type=float)
+    w.add_argument("--rescan-s", type=float, help="local: full rescan period; S3: listing period")
+
+    wk = sub.add_parser("worker", parents=[engine, pipeline], help="take S3 event messages from an SQS queue")
+    wk.add_argument("--queue", dest="queue_url", help="SQS queue URL (SUPERRES_QUEUE_URL)")
+    wk.add_argument("--outbox", help="s3://bucket/prefix/")
+    wk.add_argument("--disposition", choices=["keep", "move", "delete"])
+    wk.add_argument("--batch-size", type=int, help="messages received at a time (1-10)")
+    wk.add_argument("--visibility-s", type=int, help="visibility timeout kept up by heartbeats while an item is in work")
+    wk.add_argument("--wait-s", type=int, help="long-poll wait (0-20 s)")
+    wk.add_argument("--max-messages", type=int, default=None, help="stop after this many messages (for tests and batch jobs)")
+    wk.add_argument("--idle-exit-s", type=float, default=None, help="stop after this long with an empty queue")
 
     m = sub.add_parser("models", help="the model catalog")
     msub = m.add_subparsers(dest="models_command", required=True)
@@ -97,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             from handler.watch import run_watch
 
             return run_watch(settings)
+        if args.command == "worker":
+            from handler.worker import run_worker
+
+            return run_worker(settings, max_messages=args.max_messages, idle_exit_s=args.idle_exit_s)
         if args.command == "models":
             return run_models(settings, args)
         if args.command == "info":

@@ -9,17 +9,20 @@ import time
 from pathlib import Path
 
 from handler.runtime import open_processor
+from pipeline.adapters.s3_objects import S3Objects, s3_client
+from pipeline.adapters.s3_place import s3_inputs
 from pipeline.errors import ConfigError
+from pipeline.s3keys import is_s3_uri
 from pipeline.intake import is_temp_name
-from pipeline.process import Source
+from pipeline.adapters.local_files import LocalFile
 
 log = logging.getLogger("superres")
 
 
-def expand_inputs(args: list[str]) -> list[Source]:
-    """Files as named, folders walked (temp and hidden names skipped), globs expanded. Two inputs never
-    share an output name: a later one with a taken relative name is placed under `name (2)`."""
-    sources: list[Source] = []
+def expand_inputs(args: list[str], *, s3_endpoint_url: str | None = None) -> list:
+    """Files as named, folders walked (temp and hidden names skipped), globs expanded, s3:// keys and prefixes
+    listed. Two inputs never share an output name: a later one with a taken relative name becomes `name (2)`."""
+    sources: list = []
     seen_paths: set[str] = set()
     taken: set[str] = set()
 
@@ -29,13 +32,26 @@ def expand_inputs(args: list[str]) -> list[Source]:
             return
         seen_paths.add(key)
         candidate, n = rel, 2
-        while str(candidate) in taken:
+        while candidate.as_posix() in taken:
             candidate = rel.with_name(f"{rel.stem} ({n}){rel.suffix}")
             n += 1
-        taken.add(str(candidate))
-        sources.append(Source(path, candidate, root))
+        taken.add(candidate.as_posix())
+        sources.append(LocalFile(path, candidate.as_posix(), root))
 
+    objects = None
     for arg in args:
+        if is_s3_uri(arg):
+            if objects is None:
+                objects = S3Objects(s3_client(s3_endpoint_url))
+            found = s3_inputs(objects, arg)
+            if not found:
+                raise ConfigError(f"no objects under {arg}")
+            for obj in found:
+                if obj.rel in taken:
+                    raise ConfigError(f"two inputs would share the output name {obj.rel!r}")
+                taken.add(obj.rel)
+                sources.append(obj)
+            continue
         path = Path(arg)
         if path.is_dir():
             for dirpath, dirnames, filenames in os.walk(path):
@@ -60,8 +76,8 @@ def expand_inputs(args: list[str]) -> list[Source]:
 
 def run_upscale(settings, inputs: list[str]) -> int:
     if settings.outbox is None:
-        raise ConfigError("give an output folder: --out DIR (or SUPERRES_OUTBOX)")
-    sources = expand_inputs(inputs)
+        raise ConfigError("give an output folder: --out DIR or s3://bucket/prefix/ (or SUPERRES_OUTBOX)")
+    sources = expand_inputs(inputs, s3_endpoint_url=settings.s3_endpoint_url)
     processor = open_processor(settings)
     counts = {"done": 0, "duplicate": 0, "failed": 0, "skipped": 0, "retry": 0}
     pixels = 0
@@ -80,7 +96,7 @@ def run_upscale(settings, inputs: list[str]) -> int:
             bar.set_postfix({k: v for k, v in counts.items() if v})
         else:
             where = f" -> {result.output}" if result.output else ""
-            print(f"{result.outcome:<9} {src.path}{where}" + (f"  ({result.detail})" if result.detail else ""),
+            print(f"{result.outcome:<9} {src.id}{where}" + (f"  ({result.detail})" if result.detail else ""),
                   file=sys.stderr, flush=True)
     if bar is not None:
         bar.close()

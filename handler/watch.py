@@ -1,5 +1,5 @@
-"""`superres watch`: a real watchdog observer on the inbox; each ready file goes through the pipeline.
-SIGTERM/SIGINT finish the item in hand, then stop cleanly (exit 0)."""
+"""`superres watch`: a local inbox with a real watchdog observer, or an S3 prefix polled with ListObjectsV2.
+Each ready object goes through the pipeline. SIGTERM/SIGINT finish the item in hand, then stop (exit 0)."""
 
 import heapq
 import logging
@@ -7,57 +7,74 @@ import signal
 import time
 from pathlib import Path
 
-from handler.inbox_watch import InboxWatcher
 from handler.runtime import open_processor
+from pipeline.adapters.local_files import LocalFile
 from pipeline.errors import ConfigError
-from pipeline.process import Result, Source
+from pipeline.process import Result
+from pipeline.s3keys import is_s3_uri
 
 log = logging.getLogger("superres")
 
-RETRY_DELAYS_S = (1, 5, 30, 120, 600)  # transient errors; after the last one the item waits for the next change
+RETRY_DELAYS_S = (1, 5, 30, 120, 600)  # transient errors; after the last one the item waits for its next change
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it between items, so the item in hand is finished."""
+
+    def __init__(self) -> None:
+        self.set = False
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+
+    def _stop(self, signum, _frame) -> None:
+        log.info("stopping after the item in hand", extra={"fields": {"signal": signal.Signals(signum).name}})
+        self.set = True
+
+
+def log_result(result: Result) -> None:
+    log.info("item", extra={"fields": {"source": result.source.id, "sha256": result.sha256, "outcome": result.outcome,
+                                       "output": result.output or "", "detail": result.detail,
+                                       **{f"{k}_s": round(v, 4) for k, v in result.seconds.items()}}})
 
 
 def run_watch(settings) -> int:
     if settings.inbox is None or settings.outbox is None:
-        raise ConfigError("watch needs --inbox DIR and --outbox DIR (or SUPERRES_INBOX / SUPERRES_OUTBOX)")
-    inbox = settings.inbox
+        raise ConfigError("watch needs --inbox and --outbox (folders or s3:// prefixes; or SUPERRES_INBOX / SUPERRES_OUTBOX)")
+    if is_s3_uri(settings.inbox):
+        from handler.s3_watch import run_s3_watch
+
+        return run_s3_watch(settings)
+    inbox = Path(settings.inbox)
     if not inbox.is_dir():
         raise ConfigError(f"the inbox {inbox} is not a folder")
     processor = open_processor(settings)
-    # Subfolders the pipeline itself writes into, when they sit inside the inbox, are not inputs.
+    processed = Path(settings.processed) if settings.processed else inbox / "processed"
+    # Folders the pipeline itself writes into, when they sit inside the inbox, are not inputs.
     exclude = frozenset(
-        p.name for p in (processor.opt.outbox, processor.opt.failed, processor.opt.processed)
-        if p is not None and p.resolve().parent == inbox.resolve()
+        Path(p).name for p in (settings.outbox, settings.failed_location(), processed)
+        if not is_s3_uri(str(p)) and Path(p).resolve().parent == inbox.resolve()
     )
-    stopping = False
-
-    def stop(signum, _frame):
-        nonlocal stopping
-        log.info("stopping after the item in hand", extra={"fields": {"signal": signal.Signals(signum).name}})
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    stop = StopFlag()
+    from handler.inbox_watch import InboxWatcher
 
     watcher = InboxWatcher(inbox, poll=settings.poll, settle_s=settings.settle_s, rescan_s=settings.rescan_s,
                            exclude=exclude)
     watcher.start()
-    log.info("watching", extra={"fields": {"inbox": str(inbox), "outbox": str(settings.outbox), "poll": settings.poll}})
+    log.info("watching", extra={"fields": {"inbox": str(inbox), "outbox": settings.outbox, "poll": settings.poll}})
     retries: list[tuple[float, str]] = []  # (due, name), a heap
     attempts: dict[str, int] = {}
     try:
-        while not stopping:
+        while not stop.set:
             path = _next(watcher, retries, inbox)
             if path is None:
                 continue
+            src = LocalFile(path, path.name, inbox, processed=processed)
             try:
-                result = processor.process(Source(path, Path(path.name), inbox))
+                result = processor.process(src)
             except Exception as exc:  # e.g. the failed place itself is not writable: retry later, keep running
                 log.exception("could not settle %r", path.name)
-                result = Result(Source(path, Path(path.name), inbox), "retry", detail=str(exc))
-            log.info("item", extra={"fields": {"name": path.name, "outcome": result.outcome,
-                                               "output": str(result.output or ""), "detail": result.detail,
-                                               **{f"{k}_s": round(v, 4) for k, v in result.seconds.items()}}})
+                result = Result(src, "retry", detail=str(exc))
+            log_result(result)
             if result.outcome == "retry":
                 attempt = attempts.get(path.name, 0)
                 if attempt < len(RETRY_DELAYS_S):
@@ -73,7 +90,7 @@ def run_watch(settings) -> int:
     return 0
 
 
-def _next(watcher: InboxWatcher, retries: list, inbox: Path) -> Path | None:
+def _next(watcher, retries: list, inbox: Path) -> Path | None:
     if retries and retries[0][0] <= time.monotonic():
         _, name = heapq.heappop(retries)
         path = inbox / name

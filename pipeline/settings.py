@@ -13,12 +13,17 @@ from pipeline.errors import ConfigError
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SUPERRES_", env_file=".env", extra="ignore")
 
-    # where things are
-    inbox: Path | None = None
-    outbox: Path | None = None
-    failed: Path | None = None  # default: <outbox>/../failed
-    processed: Path | None = None  # default: <inbox>/processed (only used with disposition=move)
-    ledger: Path | None = None  # default: <outbox>/.superres/ledger.sqlite3
+    # where things are: local folders or s3://bucket/prefix/
+    inbox: str | None = None
+    outbox: str | None = None
+    failed: str | None = None  # default: beside the outbox, named "failed"
+    processed: str | None = None  # default: <inbox>/processed (only used with disposition=move)
+    ledger: Path | None = None  # local outbox: default <outbox>/.superres/ledger.sqlite3 (S3: beside the outputs)
+    s3_endpoint_url: str | None = None  # moto, MinIO; default: AWS
+    queue_url: str | None = None  # `superres worker`: the SQS queue
+    batch_size: int = Field(1, ge=1, le=10)  # SQS messages received at a time
+    visibility_s: int = Field(300, ge=10, le=43200)  # SQS visibility while an item is in work (kept up by heartbeats)
+    wait_s: int = Field(20, ge=0, le=20)  # SQS long-poll wait
 
     # the model and where it runs
     model: str = "edsr-x3"
@@ -61,19 +66,24 @@ class Settings(BaseSettings):
     def _lower(cls, value: str) -> str:
         return value.strip().lower()
 
-    def failed_dir(self) -> Path:
+    def failed_location(self) -> str:
+        """--failed, or a `failed` folder/prefix beside the outbox."""
         if self.failed:
             return self.failed
         if self.outbox is None:
             raise ConfigError("no failed place: give --failed DIR (or SUPERRES_FAILED)")
-        return self.outbox.parent / "failed"
+        if self.outbox.startswith("s3://"):
+            bucket, _, prefix = self.outbox[5:].partition("/")
+            parent = prefix.rstrip("/").rpartition("/")[0]
+            return f"s3://{bucket}/{parent + '/' if parent else ''}failed/"
+        return str(Path(self.outbox).parent / "failed")
 
     def ledger_path(self) -> Path:
         if self.ledger:
             return self.ledger
         if self.outbox is None:
             raise ConfigError("no outbox: give --out/--outbox DIR (or SUPERRES_OUTBOX)")
-        return self.outbox / ".superres" / "ledger.sqlite3"
+        return Path(self.outbox) / ".superres" / "ledger.sqlite3"
 
 
 def load_settings(**overrides) -> Settings:

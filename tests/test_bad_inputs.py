@@ -13,7 +13,7 @@ import pytest
 
 from conftest import DATASETS, SHARED_MODELS, cli_env, make_bad_inputs, superres_cmd
 from handler.cli import main
-from pipeline.process import Source
+from pipeline.adapters.local_files import LocalFile
 
 MODEL = ["--model", "fsrcnn-small-x2", "--model-dir", str(SHARED_MODELS)]
 # the words a person would look for in each reason
@@ -91,9 +91,10 @@ def test_file_deleted_between_event_and_read_is_recorded(tmp_path):
     from handler.runtime import open_processor
     from pipeline.settings import load_settings
 
-    settings = load_settings(outbox=tmp_path / "o", failed=tmp_path / "f", model="fsrcnn-small-x2", model_dir=SHARED_MODELS)
+    settings = load_settings(outbox=str(tmp_path / "o"), failed=str(tmp_path / "f"), model="fsrcnn-small-x2",
+                             model_dir=SHARED_MODELS)
     processor = open_processor(settings)
-    result = processor.process(Source(tmp_path / "gone.jpg", tmp_path.joinpath("gone.jpg").relative_to(tmp_path)))
+    result = processor.process(LocalFile(tmp_path / "gone.jpg", "gone.jpg"))
     assert result.outcome == "failed"
     record = reason(tmp_path / "f", "gone.jpg")
     assert record["error"] == "vanished" and "disappeared" in record["message"]

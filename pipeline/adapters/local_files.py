@@ -133,3 +133,109 @@ def write_failure(record: dict, input_path: Path, failed_path: Path, *, move_inp
         record = {**record, "input_kept": False, "note": f"could not set the input aside: {exc.strerror}"}
         publish_bytes(json.dumps(record, indent=2, ensure_ascii=False).encode() + b"\n", reason,
                       tmp_dir / f"failure-json.{os.getpid()}.tmp")
+
+
+# -- the pipeline's view of local folders ----------------------------------------------------------------------
+
+
+class LocalFile:
+    """An input file. `rel` is its name relative to the folder it came from: outputs keep that tree."""
+
+    def __init__(self, path: Path, rel: str, root: Path | None = None, *, processed: Path | None = None):
+        self.path = path
+        self.rel = rel
+        self.root = root  # symlinks must stay inside this folder
+        self.processed = processed  # where `disposition=move` puts it
+        self.id = str(path)
+
+    def __repr__(self) -> str:
+        return f"LocalFile({str(self.path)!r})"
+
+    def fingerprint(self) -> str | None:
+        try:
+            st = self.path.lstat()
+        except OSError:
+            return None
+        return f"{st.st_size}:{st.st_mtime_ns}"
+
+    def read(self, max_bytes: int) -> tuple[bytes, str]:
+        data, st = read_limited(self.path, max_bytes, root=self.root)
+        return data, f"{st.st_size}:{st.st_mtime_ns}"
+
+    def metadata(self, sha256: str, model: str) -> dict[str, str]:
+        return {}
+
+    def dispose(self, disposition: str) -> None:
+        if disposition == "keep" or not os.path.lexists(self.path):
+            return
+        if disposition == "delete":
+            self.path.unlink()
+            return
+        if self.processed is None:
+            return
+        target = unique_path(self.processed / self.rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(self.path, target)
+
+
+class Staged:
+    def __init__(self, token: str | None, data: bytes | None = None):
+        self.token = token  # what the ledger remembers to finish a publish after a crash (a temp path here)
+        self.data = data
+
+
+class LocalPlace:
+    """A local folder to publish into (outbox) or set failures aside in. Temporary files live in
+    `ROOT/.superres/tmp`, on the same filesystem, named `<tag>.<pid>.tmp` so leftovers can be told apart."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.tmp_dir = root / ".superres" / "tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def url(self, rel: str) -> str:
+        return str(self.root / rel)
+
+    def name(self, url: str) -> str:
+        return Path(url).name
+
+    def exists(self, url: str) -> bool:
+        return os.path.lexists(url)
+
+    def _temp(self, tag: str) -> Path:
+        return self.tmp_dir / f"{tag}.{os.getpid()}.tmp"
+
+    def stage(self, data: bytes, tag: str) -> Staged:
+        temp = self._temp(tag)
+        write_temp(data, temp)
+        return Staged(str(temp))
+
+    def commit(self, staged: Staged, rel: str, *, content_type: str, metadata: dict[str, str]) -> str:
+        final = self.root / rel
+        commit_temp(Path(staged.token), final)
+        return str(final)
+
+    def finish_staged(self, token: str | None, url: str) -> bool:
+        """After a crash between fsync and rename: rename a temp file still there; True if the output is now whole."""
+        if token and os.path.exists(token):
+            commit_temp(Path(token), Path(url))
+            return True
+        return os.path.exists(url)
+
+    def copy(self, from_url: str, rel: str) -> str:
+        final = self.root / rel
+        copy_file_atomic(Path(from_url), final, self._temp("copy"))
+        return str(final)
+
+    def put_failure(self, rel: str, record: dict, src, *, move: bool) -> str:
+        target = unique_path(self.root / rel)  # an earlier failure of the same name stays
+        write_failure(record, src.path, target, move_input=move, tmp_dir=self.tmp_dir)
+        return str(target)
+
+    def remove_orphans(self, alive) -> None:
+        """Drop temporary files whose writer process is gone."""
+        for temp in self.tmp_dir.iterdir():
+            parts = temp.name.split(".")
+            pid = parts[-2] if len(parts) >= 3 and parts[-1] == "tmp" else ""
+            if pid.isdigit() and not alive(int(pid)):
+                temp.unlink(missing_ok=True)

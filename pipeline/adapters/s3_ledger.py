@@ -1,0 +1,244 @@
+"""The ledger in S3 alone (no database): shared by many workers on many machines.
+
+One small JSON object per item at `{prefix}items/{sha256(key)}.json`. Every transition is
+read (body + ETag) -> apply the rules of `pipeline.ledger` -> conditional write:
+`IfNoneMatch="*"` to create a row, `IfMatch=etag` to change or delete one. A 412 means another
+worker moved first; we re-read and decide again (a bounded loop), so each dedup key is claimed by
+exactly one worker at a time. Sources (`{prefix}sources/{sha256(source)}.json`) are plain PUTs:
+the last writer wins, as with SQLite's INSERT OR REPLACE.
+
+Owners are `host:pid:random`; S3 cannot see other hosts' processes, so a claim is judged by its
+lease alone (keep it alive with `renew`).
+"""
+
+import hashlib
+import json
+import os
+import random
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from pipeline.errors import TransientError
+from pipeline.ledger import ClaimOutcome, ItemRow, decide_claim
+
+_TRIES = 20  # conditional-write retries before giving up; losers of a race need one or two
+_CONFLICT_STATUS = {412, 409}  # 409 ConditionalRequestConflict: real S3's answer to concurrent conditional writes
+_DELETE = object()  # what a change returns to delete the row
+
+
+class _Conflict(Exception):
+    """The object changed (or vanished) since we read it: re-read and decide again."""
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _no_such_key(exc: ClientError) -> bool:
+    # NoSuchBucket is also a 404, but it is a broken setup, not a missing row
+    return _code(exc) in ("NoSuchKey", "404", "NotFound")
+
+
+def _transient(exc: Exception, what: str) -> TransientError:
+    return TransientError(f"S3 ledger: cannot {what}: {exc}", stage="dedup")
+
+
+class S3Ledger:
+    def __init__(self, client, bucket: str, prefix: str, *, lease_s: float = 600.0, owner: str | None = None) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix
+        self.lease_s = lease_s
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+    # --- storage -----------------------------------------------------------------------------------
+
+    def _item_key(self, key: str) -> str:
+        return f"{self.prefix}items/{_sha(key)}.json"
+
+    def _source_key(self, source: str) -> str:
+        return f"{self.prefix}sources/{_sha(source)}.json"
+
+    def _get_json(self, okey: str) -> tuple[dict | None, str | None]:
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=okey)
+            return json.loads(resp["Body"].read()), resp["ETag"]
+        except ClientError as exc:
+            if _no_such_key(exc):
+                return None, None
+            raise _transient(exc, f"read {okey}") from exc
+        except (BotoCoreError, OSError, ValueError) as exc:
+            raise _transient(exc, f"read {okey}") from exc
+
+    def _read(self, okey: str) -> tuple[ItemRow | None, str | None]:
+        body, etag = self._get_json(okey)
+        if body is None:
+            return None, None
+        body.pop("updated", None)
+        return ItemRow(**body), etag
+
+    def _write(self, okey: str, row: ItemRow, etag: str | None) -> None:
+        """Create (etag None) or replace the row only if nobody changed it since we read `etag`."""
+        body = json.dumps({**asdict(row), "updated": time.time()}).encode()
+        condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=okey, Body=body, ContentType="application/json", **condition)
+        except ClientError as exc:
+            # 404 on IfMatch: the row was deleted since we read it
+            if _status(exc) in _CONFLICT_STATUS or (etag is not None and _no_such_key(exc)):
+                raise _Conflict() from exc
+            raise _transient(exc, f"write {okey}") from exc
+        except (BotoCoreError, OSError) as exc:
+            raise _transient(exc, f"write {okey}") from exc
+
+    def _delete(self, okey: str, etag: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=okey, IfMatch=etag)
+        except ClientError as exc:
+            if _status(exc) in _CONFLICT_STATUS or _no_such_key(exc):
+                raise _Conflict() from exc
+            raise _transient(exc, f"delete {okey}") from exc
+        except (BotoCoreError, OSError) as exc:
+            raise _transient(exc, f"delete {okey}") from exc
+
+    @staticmethod
+    def _backoff(attempt: int) -> None:
+        time.sleep(random.uniform(0, 0.005 * (attempt + 1)))  # jitter so racing workers do not collide again
+
+    def _change(self, key: str, change: Callable[[ItemRow], ItemRow | object | None]) -> None:
+        """Read-modify-write one existing row: `change` returns the new row, _DELETE, or None (leave it)."""
+        okey = self._item_key(key)
+        for attempt in range(_TRIES):
+            row, etag = self._read(okey)
+            if row is None:
+                return
+            new = change(row)
+            if new is None:
+                return
+            try:
+                if new is _DELETE:
+                    self._delete(okey, etag)
+                else:
+                    self._write(okey, new, etag)
+                return
+            except _Conflict:
+                self._backoff(attempt)
+        raise TransientError(f"S3 ledger: {key} kept changing under us ({_TRIES} tries)", stage="dedup")
+
+    # --- the Ledger protocol -------------------------------------------------------------------------
+
+    def claim(self, key: str, *, source: str, output: str) -> tuple[ClaimOutcome, ItemRow | None]:
+        okey = self._item_key(key)
+        for attempt in range(_TRIES):
+            row, etag = self._read(okey)
+            now = time.time()
+            # other hosts' pids are invisible: every owner counts as alive, its lease alone decides
+            outcome = decide_claim(row, owner=self.owner, now=now, owner_alive=True)
+            if outcome is ClaimOutcome.NEW:
+                new = ItemRow(key=key, state="claimed", owner=self.owner, lease_until=now + self.lease_s, output=output,
+                              temp=None, source=source, engine_runs=row.engine_runs if row else 0,
+                              attempts=(row.attempts if row else 0) + 1)
+            elif outcome is ClaimOutcome.RESUME_PUBLISH:
+                new = replace(row, owner=self.owner, lease_until=now + self.lease_s)
+            else:  # DUPLICATE or BUSY: nothing to write
+                return outcome, row
+            try:
+                self._write(okey, new, etag)
+                return outcome, new
+            except _Conflict:
+                self._backoff(attempt)  # someone moved first: their row decides on the next read
+        raise TransientError(f"S3 ledger: the claim on {key} kept changing ({_TRIES} tries)", stage="dedup")
+
+    def renew(self, key: str) -> None:
+        self._change(key, lambda r: replace(r, lease_until=time.time() + self.lease_s) if r.owner == self.owner else None)
+
+    def mark_publishing(self, key: str, temp: str | None) -> None:
+        self._change(key, lambda r: replace(r, state="publishing", temp=temp, engine_runs=r.engine_runs + 1)
+                     if r.owner == self.owner else None)
+
+    def mark_done(self, key: str, *, source: str, fingerprint: str | None, sha256: str, output: str) -> None:
+        # two writes where SQLite has one transaction: a crash between them leaves the source unsettled,
+        # and the next look at it finds the item done (a duplicate), which settles it then
+        self._change(key, lambda r: replace(r, state="done", temp=None, output=output))
+        self.record_source(source, fingerprint=fingerprint, sha256=sha256, key=key, outcome="done",
+                           output=output, detail=None)
+
+    def mark_item_done(self, key: str) -> None:
+        self._change(key, lambda r: replace(r, state="done", temp=None))
+
+    def reopen(self, key: str) -> None:
+        self._change(key, lambda r: _DELETE if r.state == "done" else None)
+
+    def release(self, key: str) -> None:
+        self._change(key, lambda r: _DELETE if r.owner == self.owner and r.state == "claimed" else None)
+
+    def release_any(self, key: str) -> None:
+        self._change(key, lambda r: _DELETE if r.state != "done" else None)
+
+    def record_source(self, source: str, *, fingerprint: str | None, sha256: str | None, key: str | None,
+                      outcome: str, output: str | None, detail: str | None) -> None:
+        body = json.dumps({"source": source, "fingerprint": fingerprint, "sha256": sha256, "key": key,
+                           "outcome": outcome, "output": output, "detail": detail, "updated": time.time()}).encode()
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._source_key(source), Body=body,
+                                   ContentType="application/json")
+        except (ClientError, BotoCoreError, OSError) as exc:
+            raise _transient(exc, f"record the source {source}") from exc
+
+    def settled(self, source: str, fingerprint: str) -> str | None:
+        body, _ = self._get_json(self._source_key(source))
+        return body["outcome"] if body is not None and body.get("fingerprint") == fingerprint else None
+
+    def orphaned_publishes(self) -> list[ItemRow]:
+        """Rows left in `publishing` whose lease ran out (one GET per item row: meant for start-up)."""
+        now = time.time()
+        return [r for r in self._rows() if r.state == "publishing" and r.lease_until < now]
+
+    def item(self, key: str) -> ItemRow | None:
+        return self._read(self._item_key(key))[0]
+
+    def stats(self) -> dict:
+        items: dict[str, int] = {}
+        runs = [0]
+        for row in self._rows():
+            items[row.state] = items.get(row.state, 0) + 1
+            runs.append(row.engine_runs)
+        sources: dict[str, int] = {}
+        for okey in self._list(f"{self.prefix}sources/"):
+            body, _ = self._get_json(okey)
+            if body is not None:
+                sources[body["outcome"]] = sources.get(body["outcome"], 0) + 1
+        return {"items": items, "sources": sources, "max_engine_runs": max(runs), "engine_runs": sum(runs)}
+
+    def close(self) -> None:
+        pass  # the client belongs to the caller
+
+    # --- listing -------------------------------------------------------------------------------------
+
+    def _list(self, prefix: str) -> list[str]:
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+        except (ClientError, BotoCoreError, OSError) as exc:
+            raise _transient(exc, f"list {prefix}") from exc
+
+    def _rows(self) -> list[ItemRow]:
+        rows = []
+        for okey in self._list(f"{self.prefix}items/"):
+            row, _ = self._read(okey)
+            if row is not None:  # deleted between the list and the read
+                rows.append(row)
+        return rows
