@@ -5,7 +5,7 @@ from pathlib import Path
 from models.engines import load_engine
 from pipeline.errors import ConfigError
 from pipeline.process import Options, Processor
-from pipeline.s3keys import is_s3_uri, parse_s3_uri
+from pipeline.s3keys import is_s3_uri, join_key, parse_s3_uri
 
 
 def open_processor(settings) -> Processor:
@@ -40,7 +40,7 @@ def open_s3_places(settings, failed: str):
     out_bucket, out_prefix = parse_s3_uri(settings.outbox)
     fail_bucket, fail_prefix = parse_s3_uri(failed)
     # the ledger lives beside the outputs, under the outbox prefix (so the loop guard covers it too)
-    ledger = S3Ledger(client, out_bucket, f"{out_prefix}.superres/ledger/", lease_s=settings.lease_s)
+    ledger = S3Ledger(client, out_bucket, join_key(out_prefix, ".superres/ledger/"), lease_s=settings.lease_s)
     return ledger, S3Place(objects, out_bucket, out_prefix), S3Place(objects, fail_bucket, fail_prefix)
 
 

@@ -175,6 +175,8 @@ class Processor:
                     raise TransientError("the item changed hands while resuming", stage="dedup")
 
             self.current_key = key
+            log.info("upscaling", extra={"fields": {"source": src.id, "sha256": sha, "width": header.width,
+                                                    "height": header.height, "frames": header.frames}})
             try:
                 encoded, pixels = self._upscale(data, header, fmt, timings)
                 t = time.perf_counter()

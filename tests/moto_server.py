@@ -29,8 +29,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def moto_server_url():
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request drowns real failures
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -1,0 +1,57 @@
+"""The Lambda entrypoint: `handler.lambda_function.handler` (container image CMD).
+
+Configuration comes from the same `Settings` as the CLI (SUPERRES_OUTBOX=s3://…, SUPERRES_FAILED, SUPERRES_MODEL,
+SUPERRES_MODEL_DIR, …). The model is loaded here, at import: once per cold start, not once per event.
+For SQS-triggered invocations the return value is the partial batch response: exactly the messages whose
+objects hit a transient error are reported, to be retried; bad inputs are recorded under the failed prefix
+and not retried. When the time left gets short, the remaining messages are reported for retry unprocessed."""
+
+import logging
+
+from handler.invoked import EventRunner
+from handler.logs import setup_logging
+from handler.runtime import loop_guard, open_processor
+from pipeline.adapters.s3_objects import S3Objects, s3_client
+from pipeline.errors import TransientError
+from pipeline.events import parse_lambda_event
+from pipeline.settings import load_settings
+
+log = logging.getLogger("superres")
+
+MIN_RESERVE_MS = 5_000  # never start an item with less than this left
+
+_settings = load_settings()
+setup_logging(_settings.log_format, _settings.log_level)
+_processor = open_processor(_settings)  # cold start: a ConfigError here fails the init phase, loudly
+_runner = EventRunner(_processor, S3Objects(s3_client(_settings.s3_endpoint_url)), _settings, loop_guard(_settings))
+_slowest_ms = 0.0
+
+
+def handler(event: dict, context) -> dict:
+    global _slowest_ms
+    messages = parse_lambda_event(event)
+    from_sqs = any(m.message_id for m in messages)
+    failures: list[str] = []
+    counts = {"done": 0, "duplicate": 0, "failed": 0, "skipped": 0, "retry": 0}
+    for index, message in enumerate(messages):
+        remaining = context.get_remaining_time_in_millis() if context is not None else float("inf")
+        if remaining < max(MIN_RESERVE_MS, 2 * _slowest_ms):
+            left = [m.message_id for m in messages[index:] if m.message_id]
+            log.warning("time is short: returning the rest for retry", extra={"fields": {"remaining_ms": remaining,
+                                                                                          "messages": len(left)}})
+            failures.extend(left)
+            break
+        before = context.get_remaining_time_in_millis() if context is not None else 0
+        outcome = _runner.run(message)
+        if context is not None:
+            _slowest_ms = max(_slowest_ms, before - context.get_remaining_time_in_millis())
+        for result in outcome.results:
+            counts[result.outcome] += 1
+        if outcome.retry and message.message_id:
+            failures.append(message.message_id)
+        elif outcome.retry:
+            # a direct S3 or EventBridge invocation has no batch response: raising makes Lambda retry it
+            raise TransientError("some objects hit a transient error; the invocation will be retried")
+    if from_sqs:
+        return {"batchItemFailures": [{"itemIdentifier": message_id} for message_id in failures]}
+    return {"results": counts}
