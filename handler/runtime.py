@@ -15,9 +15,12 @@ def open_processor(settings) -> Processor:
     failed = settings.failed_location()
     if is_s3_uri(settings.outbox) != is_s3_uri(failed):
         raise ConfigError("the outbox and the failed place must both be local folders or both be s3:// prefixes")
-    places = open_s3_places(settings, failed) if is_s3_uri(settings.outbox) else open_local_places(settings, failed)
+    on_s3 = is_s3_uri(settings.outbox)
+    places = open_s3_places(settings, failed) if on_s3 else open_local_places(settings, failed)
     engine, spec = load_engine(settings)  # after the cheap checks above, before any work
-    return Processor(engine, spec, options, *places)
+    # S3: no start-up sweep (it would read every ledger row at each cold start); an interrupted publish is
+    # finished by the next claim on it instead, once its lease runs out (RESUME_PUBLISH)
+    return Processor(engine, spec, options, *places, recover=not on_s3)
 
 
 def open_local_places(settings, failed: str):

@@ -96,7 +96,8 @@ def output_rel(rel: str, ext: str) -> str:
 class Processor:
     """Holds what lives for the whole process: the engine (loaded once), the ledger, the places."""
 
-    def __init__(self, engine, spec, options: Options, ledger: Ledger, outbox: Place, failed: Place):
+    def __init__(self, engine, spec, options: Options, ledger: Ledger, outbox: Place, failed: Place, *,
+                 recover: bool = True):
         self.engine = engine
         self.spec = spec
         self.opt = options
@@ -106,7 +107,8 @@ class Processor:
         self.policy = policy_id(options.policy, options.cap_side)
         self.current_key: str | None = None  # the claim in hand, for heartbeats from another thread
         self._lock = threading.Lock()
-        self.recover()
+        if recover:
+            self.recover()
 
     def heartbeat(self) -> None:
         """Push the lease of the item in hand forward (called from a heartbeat thread on long items)."""

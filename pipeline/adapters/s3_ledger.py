@@ -63,6 +63,9 @@ class S3Ledger:
         self.prefix = prefix
         self.lease_s = lease_s
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        # the last row (and its ETag) we read or wrote, per object: a change tries it first and skips a GET;
+        # a stale one only costs a 412 and a re-read
+        self._known: dict[str, tuple[ItemRow, str]] = {}
 
     # --- storage -----------------------------------------------------------------------------------
 
@@ -86,16 +89,22 @@ class S3Ledger:
     def _read(self, okey: str) -> tuple[ItemRow | None, str | None]:
         body, etag = self._get_json(okey)
         if body is None:
+            self._known.pop(okey, None)
             return None, None
         body.pop("updated", None)
-        return ItemRow(**body), etag
+        row = ItemRow(**body)
+        self._known[okey] = (row, etag)
+        return row, etag
 
     def _write(self, okey: str, row: ItemRow, etag: str | None) -> None:
         """Create (etag None) or replace the row only if nobody changed it since we read `etag`."""
         body = json.dumps({**asdict(row), "updated": time.time()}).encode()
         condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+        self._known.pop(okey, None)
         try:
-            self.client.put_object(Bucket=self.bucket, Key=okey, Body=body, ContentType="application/json", **condition)
+            resp = self.client.put_object(Bucket=self.bucket, Key=okey, Body=body, ContentType="application/json",
+                                          **condition)
+            self._known[okey] = (row, resp["ETag"])
         except ClientError as exc:
             # 404 on IfMatch: the row was deleted since we read it
             if _status(exc) in _CONFLICT_STATUS or (etag is not None and _no_such_key(exc)):
@@ -122,7 +131,8 @@ class S3Ledger:
         """Read-modify-write one existing row: `change` returns the new row, _DELETE, or None (leave it)."""
         okey = self._item_key(key)
         for attempt in range(_TRIES):
-            row, etag = self._read(okey)
+            known = self._known.get(okey) if attempt == 0 else None
+            row, etag = known if known else self._read(okey)
             if row is None:
                 return
             new = change(row)
@@ -130,6 +140,7 @@ class S3Ledger:
                 return
             try:
                 if new is _DELETE:
+                    self._known.pop(okey, None)
                     self._delete(okey, etag)
                 else:
                     self._write(okey, new, etag)
