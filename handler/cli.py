@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--poll", action="store_const", const=True, help="poll (network/FUSE mounts): take files once size+mtime are stable")
     w.add_argument("--settle-s", type=float)
     w.add_argument("--rescan-s", type=float, help="local: full rescan period; S3: listing period")
+    w.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz on this port (0: off; default 9100)")
 
     wk = sub.add_parser("worker", parents=[engine, pipeline], help="take S3 event messages from an SQS queue")
     wk.add_argument("--queue", dest="queue_url", help="SQS queue URL (SUPERRES_QUEUE_URL)")
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--visibility-s", type=int, help="visibility timeout kept up by heartbeats while an item is in work")
     wk.add_argument("--wait-s", type=int, help="long-poll wait (0-20 s)")
     wk.add_argument("--max-messages", type=int, default=None, help="stop after this many messages (for tests and batch jobs)")
+    wk.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz on this port (0: off; default 9100)")
     wk.add_argument("--idle-exit-s", type=float, default=None, help="stop after this long with an empty queue")
 
     m = sub.add_parser("models", help="the model catalog")

@@ -4,6 +4,7 @@ running them, with the loop guard applied. One message is settled when every obj
 import logging
 from dataclasses import dataclass, field
 
+from handler.ops import Ops
 from pipeline.adapters.s3_place import S3Object
 from pipeline.events import Message, drop_loops
 from pipeline.s3keys import parse_s3_uri, relative_key
@@ -18,8 +19,9 @@ class MessageOutcome:
 
 
 class EventRunner:
-    def __init__(self, processor, objects, settings, guard: list[tuple[str, str]]):
+    def __init__(self, processor, objects, settings, guard: list[tuple[str, str]], ops: Ops | None = None):
         self.processor = processor
+        self.ops = ops or Ops.for_processor(processor)  # Lambda: counted but not served; the log line is the same
         self.objects = objects
         self.guard = guard
         # outputs keep the key's path below the inbox prefix when one is configured, else the whole key
@@ -42,10 +44,9 @@ class EventRunner:
         for ref in refs:
             src = S3Object(self.objects, ref.bucket, ref.key, self._rel(ref.bucket, ref.key), size=ref.size,
                            etag=ref.etag, processed=self.processed)
-            result = self.processor.process(src)
-            log.info("item", extra={"fields": {"source": src.id, "sha256": result.sha256, "outcome": result.outcome,
-                                               "output": result.output or "", "detail": result.detail,
-                                               **{f"{k}_s": round(v, 4) for k, v in result.seconds.items()}}})
+            with self.ops.in_flight():
+                result = self.processor.process(src)
+            self.ops.record(result)
             outcome.results.append(result)
             outcome.retry |= result.retryable
         return outcome

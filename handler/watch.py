@@ -7,6 +7,7 @@ import signal
 import time
 from pathlib import Path
 
+from handler.ops import Ops
 from handler.runtime import open_processor
 from pipeline.adapters.local_files import LocalFile
 from pipeline.errors import ConfigError
@@ -31,12 +32,6 @@ class StopFlag:
         self.set = True
 
 
-def log_result(result: Result) -> None:
-    log.info("item", extra={"fields": {"source": result.source.id, "sha256": result.sha256, "outcome": result.outcome,
-                                       "output": result.output or "", "detail": result.detail,
-                                       **{f"{k}_s": round(v, 4) for k, v in result.seconds.items()}}})
-
-
 def run_watch(settings) -> int:
     if settings.inbox is None or settings.outbox is None:
         raise ConfigError("watch needs --inbox and --outbox (folders or s3:// prefixes; or SUPERRES_INBOX / SUPERRES_OUTBOX)")
@@ -48,6 +43,7 @@ def run_watch(settings) -> int:
     if not inbox.is_dir():
         raise ConfigError(f"the inbox {inbox} is not a folder")
     processor = open_processor(settings)
+    ops = Ops.for_processor(processor, interval_s=0.5)  # the loop below wakes at least every 0.5 s
     processed = Path(settings.processed) if settings.processed else inbox / "processed"
     # Folders the pipeline itself writes into, when they sit inside the inbox, are not inputs.
     exclude = frozenset(
@@ -60,21 +56,24 @@ def run_watch(settings) -> int:
     watcher = InboxWatcher(inbox, poll=settings.poll, settle_s=settings.settle_s, rescan_s=settings.rescan_s,
                            exclude=exclude)
     watcher.start()
+    ops.serve(settings.metrics_port)
     log.info("watching", extra={"fields": {"inbox": str(inbox), "outbox": settings.outbox, "poll": settings.poll}})
     retries: list[tuple[float, str]] = []  # (due, name), a heap
     attempts: dict[str, int] = {}
     try:
         while not stop.set:
+            ops.heartbeat()
             path = _next(watcher, retries, inbox)
             if path is None:
                 continue
             src = LocalFile(path, path.name, inbox, processed=processed)
-            try:
-                result = processor.process(src)
-            except Exception as exc:  # e.g. the failed place itself is not writable: retry later, keep running
-                log.exception("could not settle %r", path.name)
-                result = Result(src, "retry", detail=str(exc))
-            log_result(result)
+            with ops.in_flight():
+                try:
+                    result = processor.process(src)
+                except Exception as exc:  # e.g. the failed place itself is not writable: retry later, keep running
+                    log.exception("could not settle %r", path.name)
+                    result = Result(src, "retry", detail=str(exc))
+            ops.record(result)
             if result.outcome == "retry":
                 attempt = attempts.get(path.name, 0)
                 if attempt < len(RETRY_DELAYS_S):

@@ -12,6 +12,7 @@ import threading
 import time
 
 from handler.invoked import EventRunner
+from handler.ops import Ops
 from handler.runtime import loop_guard, open_processor
 from pipeline.adapters.s3_objects import S3Objects, s3_client, sqs_client
 from pipeline.errors import ConfigError
@@ -58,7 +59,8 @@ def run_worker(settings, *, max_messages: int | None = None, idle_exit_s: float 
         raise ConfigError("worker needs an S3 outbox: --outbox s3://bucket/prefix/ (or SUPERRES_OUTBOX)")
     processor = open_processor(settings)
     sqs = sqs_client(settings.s3_endpoint_url)
-    runner = EventRunner(processor, S3Objects(s3_client(settings.s3_endpoint_url)), settings, loop_guard(settings))
+    ops = Ops.for_processor(processor, interval_s=settings.wait_s)  # one long poll per wait_s
+    runner = EventRunner(processor, S3Objects(s3_client(settings.s3_endpoint_url)), settings, loop_guard(settings), ops)
 
     state = {"stop": False, "waiting": False}
 
@@ -70,10 +72,12 @@ def run_worker(settings, *, max_messages: int | None = None, idle_exit_s: float 
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    ops.serve(settings.metrics_port)
     log.info("worker ready", extra={"fields": {"queue": settings.queue_url, "outbox": settings.outbox}})
     handled, idle_since = 0, time.monotonic()
     try:
         while not state["stop"] and (max_messages is None or handled < max_messages):
+            ops.heartbeat()
             try:
                 state["waiting"] = True
                 messages = sqs.receive_message(

@@ -194,14 +194,14 @@ class Processor:
             src.dispose(self.opt.disposition)
             return Result(src, "done", out_url, seconds=timings, output_pixels=pixels, sha256=sha)
         except InputRejected as exc:
-            return self._fail(src, exc, sha, fingerprint, key)
+            return self._fail(src, exc, sha, fingerprint, key, timings)
         except TransientError as exc:
             log.warning("will retry %r: %s", src.rel, exc.message)
             return Result(src, "retry", detail=exc.message, sha256=sha)
         except Exception as exc:  # a bug must cost one item, not the process; the input is set aside with the reason
             log.exception("unexpected error on %r", src.rel)
             error = InputRejected(f"internal error: {type(exc).__name__}: {exc}", stage="internal", code="internal_error")
-            return self._fail(src, error, sha, fingerprint, key)
+            return self._fail(src, error, sha, fingerprint, key, timings)
 
     def _upscale(self, data: bytes, header, fmt: str, timings: dict) -> tuple[bytes, int]:
         t = time.perf_counter()
@@ -238,7 +238,7 @@ class Processor:
         src.dispose(self.opt.disposition)
         return Result(src, "duplicate", output, detail=f"same content as {self.outbox.name(first)}", sha256=sha)
 
-    def _fail(self, src, exc: InputRejected, sha, fingerprint, key) -> Result:
+    def _fail(self, src, exc: InputRejected, sha, fingerprint, key, timings: dict) -> Result:
         record = {
             "stage": exc.stage, "error": exc.code, "message": exc.message, "sha256": sha,
             "model": self.spec.name, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -250,4 +250,4 @@ class Processor:
         self.ledger.record_source(src.id, fingerprint=fingerprint, sha256=sha, key=key,
                                   outcome="failed", output=where, detail=exc.message)
         log.warning("failed %r at %s: %s", src.rel, exc.stage, exc.message)
-        return Result(src, "failed", where, f"{exc.stage}: {exc.message}", sha256=sha)
+        return Result(src, "failed", where, f"{exc.stage}: {exc.message}", seconds=timings, sha256=sha)

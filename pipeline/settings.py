@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     settle_s: float = Field(2.0, ge=0)
     rescan_s: float = Field(30.0, gt=0)
 
+    # watch and worker: /metrics and /healthz on 0.0.0.0:PORT (0: off); a port already taken is a warning
+    metrics_port: int = Field(9100, ge=0, le=65535)
+
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

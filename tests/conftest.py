@@ -22,7 +22,7 @@ def superres_cmd() -> list[str]:
 
 def cli_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERRES_")}
-    env.update({"SUPERRES_MODEL_DIR": str(SHARED_MODELS), "PYTHONUNBUFFERED": "1"})
+    env.update({"SUPERRES_MODEL_DIR": str(SHARED_MODELS), "PYTHONUNBUFFERED": "1", "SUPERRES_METRICS_PORT": "0"})
     env.update(extra)
     return env
 

@@ -1,0 +1,154 @@
+"""Operations: a real `superres watch` serves /metrics and /healthz and logs one JSON line per item; `observe`
+on a fresh registry counts what it is given."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from moto_server import free_port
+from conftest import DATASETS, cli_env, superres_cmd
+from handler.ops import Ops
+from pipeline.process import Result
+
+ITEM_FIELDS = {"source", "sha256", "outcome", "read_s", "decode_s", "upscale_s", "encode_s", "publish_s", "total_s",
+               "engine", "device", "model"}
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        assert proc.poll() is None, f"watch exited with {proc.returncode} while waiting for {what}"
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]  # every line is JSON
+
+
+def test_watch_serves_metrics_and_health_and_logs_one_json_line_per_item(tmp_path):
+    inbox, staging = tmp_path / "inbox", tmp_path / "staging"
+    inbox.mkdir()
+    staging.mkdir()
+    port = free_port()
+    log_path = tmp_path / "watch.log"
+    proc = subprocess.Popen(
+        [*superres_cmd(), "watch", "--inbox", str(inbox), "--outbox", str(tmp_path / "outbox"),
+         "--failed", str(tmp_path / "failed"), "--model", "fsrcnn-small-x2", "--settle-s", "0.3", "--rescan-s", "1",
+         "--metrics-port", str(port)],
+        env=cli_env(SUPERRES_LOG_FORMAT="json"), stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: "watching" in log_path.read_text(), 60, "start", proc)
+        inputs = {"baby.png": (DATASETS / "Set5" / "LR_bicubic" / "X2" / "babyx2.png").read_bytes(),
+                  "bird.png": (DATASETS / "Set5" / "LR_bicubic" / "X2" / "birdx2.png").read_bytes(),
+                  "bad.png": b"this is not an image\n"}
+        for name, data in inputs.items():  # written elsewhere, renamed in: each is taken once, complete
+            (staging / name).write_bytes(data)
+            os.rename(staging / name, inbox / name)
+
+        def items() -> list[dict]:
+            return [doc for doc in json_lines(log_path) if doc.get("message") == "item"]
+
+        wait_for(lambda: len(items()) >= 3, 60, "three item lines", proc)
+
+        status, text = get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200
+        got = samples(text)
+        outcomes = {o: got[("superres_items_total", frozenset({("outcome", o)}))]
+                    for o in ("done", "duplicate", "failed", "skipped", "retry")}
+        assert outcomes == {"done": 2, "duplicate": 0, "failed": 1, "skipped": 0, "retry": 0}
+        assert got[("superres_stage_seconds_count", frozenset({("stage", "upscale")}))] == 2
+        assert got[("superres_stage_seconds_count", frozenset({("stage", "read")}))] >= 2
+        assert got[("superres_engine_output_megapixels_per_second", frozenset())] > 0
+        assert got[("superres_items_in_flight", frozenset())] == 0
+        info = [dict(labels) for (name, labels), value in got.items() if name == "superres_engine_info" and value == 1]
+        assert len(info) == 1 and info[0]["model"] == "fsrcnn-small-x2" and info[0]["device"] in ("cpu", "cuda")
+        assert info[0]["engine"]
+
+        status, text = get(f"http://127.0.0.1:{port}/healthz")
+        health = json.loads(text)
+        assert status == 200 and health["status"] == "ok" and health["model"] == "fsrcnn-small-x2"
+        assert isinstance(health["last_item_age_s"], float)
+        assert get(f"http://127.0.0.1:{port}/nope")[0] == 404
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+    docs = json_lines(log_path)
+    assert docs[-1]["message"] == "stopped"
+    lines = [doc for doc in docs if doc["message"] == "item"]
+    assert Counter(Path(doc["source"]).name for doc in lines) == Counter(set(inputs))  # one line per input
+    for doc in lines:
+        assert ITEM_FIELDS <= doc.keys(), doc
+        assert {k: doc[k] for k in ("engine", "device", "model")} == info[0]
+    by_name = {Path(doc["source"]).name: doc for doc in lines}
+    assert by_name["bad.png"]["outcome"] == "failed"
+    for name in ("baby.png", "bird.png"):
+        doc = by_name[name]
+        assert doc["outcome"] == "done" and len(doc["sha256"]) == 64
+        assert all(doc[f"{stage}_s"] >= 0 for stage in ("read", "decode", "upscale", "encode", "publish"))
+        assert doc["upscale_s"] > 0 and doc["total_s"] >= doc["upscale_s"]
+
+
+class _Source:
+    id = rel = "in/a.png"
+
+
+def test_observe_counts_on_a_fresh_registry():
+    ops = Ops({"engine": "opencv", "device": "cpu", "model": "fsrcnn-small-x2"})
+    value = ops.registry.get_sample_value
+    assert value("superres_items_total", {"outcome": "done"}) == 0  # every outcome is there from the start
+    assert value("superres_engine_info", {"engine": "opencv", "device": "cpu", "model": "fsrcnn-small-x2"}) == 1
+
+    seconds = {"read": 0.002, "decode": 0.01, "upscale": 0.5, "encode": 0.03, "publish": 0.004}
+    with ops.in_flight():
+        assert value("superres_items_in_flight") == 1
+        ops.observe(Result(_Source(), "done", seconds=seconds, output_pixels=2_000_000, sha256="0" * 64))
+    ops.observe(Result(_Source(), "failed", seconds={"read": 0.001}))
+    ops.observe(Result(_Source(), "skipped"))
+
+    assert value("superres_items_in_flight") == 0
+    assert {o: value("superres_items_total", {"outcome": o}) for o in ("done", "duplicate", "failed", "skipped", "retry")} \
+        == {"done": 1, "duplicate": 0, "failed": 1, "skipped": 1, "retry": 0}
+    assert value("superres_stage_seconds_count", {"stage": "upscale"}) == 1
+    assert value("superres_stage_seconds_count", {"stage": "read"}) == 2
+    assert value("superres_stage_seconds_bucket", {"stage": "upscale", "le": "0.5"}) == 1
+    assert value("superres_stage_seconds_bucket", {"stage": "upscale", "le": "0.25"}) == 0
+    assert value("superres_engine_output_megapixels_per_second") == 4.0  # 2 Mpx in 0.5 s
+    assert Ops({"engine": "e", "device": "d", "model": "m"}).registry is not ops.registry  # no global state
+
+
+def test_healthz_turns_503_when_the_loop_stops_beating():
+    ops = Ops({"engine": "opencv", "device": "cpu", "model": "m"}, interval_s=20)
+    assert ops.stale_after_s == 120  # 2 x max(20, 60)
+    assert ops.health()[0] == 200
+    ops._beat -= 121
+    code, doc = ops.health()
+    assert code == 503 and doc["status"] == "stalled"
+    ops.heartbeat()
+    assert ops.health()[0] == 200
