@@ -19,6 +19,7 @@ def _engine_options() -> argparse.ArgumentParser:
     g.add_argument("--model-dir", type=Path, help="where model files are looked up (default: the download cache)")
     g.add_argument("--engine", choices=["auto", "opencv", "torch"])
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="torch engine (auto: fp16 on CUDA)")
     g.add_argument("--threads", type=int, help="engine threads (0: library default)")
     return p
 

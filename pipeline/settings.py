@@ -29,8 +29,9 @@ class Settings(BaseSettings):
     model: str = "edsr-x3"
     model_dir: Path | None = None  # default: the download cache (see models.files.default_model_dir)
     model_base_url: str | None = None  # a mirror for `models pull` (default: each model's pinned public URL)
-    engine: Literal["auto", "opencv"] = "auto"
+    engine: Literal["auto", "opencv", "torch"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # torch engine; auto: fp16 on CUDA, fp32 on CPU
     threads: int = Field(0, ge=0)  # engine threads; 0 = library default
 
     # resize policy and refusal limits (the limits apply to every input, whatever the policy)

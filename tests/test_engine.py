@@ -1,5 +1,6 @@
 """The OpenCV engine reproduces cv2.dnn_superres exactly, checks its inputs up front, and picks devices honestly."""
 
+import re
 import shutil
 
 import cv2
@@ -8,7 +9,7 @@ import pytest
 
 from conftest import SHARED_MODELS, lr_image
 from models.catalog import CATALOG
-from models.engines.base import choose_engine
+from models.engines.base import Hardware, choose_engine
 from models.engines.opencv_engine import OpenCVEngine
 from pipeline.errors import ConfigError
 
@@ -69,21 +70,43 @@ def test_bgra_and_float_are_refused_with_a_message():
         engine.upscale(np.zeros((4, 4, 3), np.float32))
 
 
+NONE = Hardware(opencv_cuda=False, torch_installed=False, torch_cuda=False)  # the CPU image
+TORCH_CPU = Hardware(opencv_cuda=False, torch_installed=True, torch_cuda=False)
+GPU = Hardware(opencv_cuda=False, torch_installed=True, torch_cuda=True)
+OPENCV_CUDA = Hardware(opencv_cuda=True, torch_installed=False, torch_cuda=False)
+
+
 @pytest.mark.parametrize(
-    "engine, device, opencv_cuda, expect",
+    "engine, device, hw, expect",
     [
-        ("auto", "auto", False, ("opencv", "cpu")),
-        ("auto", "cpu", False, ("opencv", "cpu")),
-        ("opencv", "auto", True, ("opencv", "cuda")),
-        ("auto", "cuda", True, ("opencv", "cuda")),
-        ("opencv", "cpu", True, ("opencv", "cpu")),
+        ("auto", "auto", NONE, ("opencv", "cpu")),
+        ("auto", "cpu", NONE, ("opencv", "cpu")),
+        ("auto", "auto", TORCH_CPU, ("opencv", "cpu")),
+        ("torch", "auto", TORCH_CPU, ("torch", "cpu")),
+        ("torch", "cpu", GPU, ("torch", "cpu")),
+        ("auto", "auto", GPU, ("torch", "cuda")),
+        ("auto", "cuda", GPU, ("torch", "cuda")),
+        ("auto", "cpu", GPU, ("opencv", "cpu")),
+        ("opencv", "auto", GPU, ("opencv", "cpu")),
+        ("opencv", "auto", OPENCV_CUDA, ("opencv", "cuda")),
+        ("auto", "cuda", OPENCV_CUDA, ("opencv", "cuda")),
     ],
 )
-def test_engine_choice(engine, device, opencv_cuda, expect):
-    choice = choose_engine(engine, device, opencv_cuda=opencv_cuda, torch_cuda=None)
+def test_engine_choice(engine, device, hw, expect):
+    choice = choose_engine(engine, device, hw)
     assert (choice.engine, choice.device) == expect
 
 
-def test_cuda_without_a_cuda_build_is_an_error_never_a_cpu_run():
-    with pytest.raises(ConfigError, match="no CUDA support"):
-        choose_engine("auto", "cuda", opencv_cuda=False, torch_cuda=None)
+@pytest.mark.parametrize(
+    "engine, device, hw, words",
+    [
+        ("auto", "cuda", NONE, "PyTorch is not installed"),
+        ("auto", "cuda", TORCH_CPU, "torch.cuda.is_available() is False"),
+        ("opencv", "cuda", GPU, "no CUDA support"),
+        ("torch", "cuda", OPENCV_CUDA, "not installed"),
+        ("torch", "auto", NONE, "install the gpu extra"),
+    ],
+)
+def test_cuda_without_a_usable_gpu_is_an_error_never_a_cpu_run(engine, device, hw, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        choose_engine(engine, device, hw)

@@ -29,22 +29,44 @@ class EngineChoice:
     device: str
 
 
-def choose_engine(engine: str, device: str, *, opencv_cuda: bool, torch_cuda: bool | None) -> EngineChoice:
-    """Pure selection rules. `torch_cuda` is None when torch is not installed.
+@dataclass(frozen=True)
+class Hardware:
+    """What this process can use. `torch_installed` False: the CPU image, without the gpu extra."""
 
-    Never a silent CPU run: asking for cuda where no engine can use a GPU is a ConfigError.
+    opencv_cuda: bool
+    torch_installed: bool
+    torch_cuda: bool
+
+
+def choose_engine(engine: str, device: str, hw: Hardware) -> EngineChoice:
+    """Pure selection rules. Never a silent CPU run: asking for cuda where nothing can use a GPU is a ConfigError.
+
+    auto picks CUDA when a GPU is usable (torch first: it is our GPU path), else the OpenCV engine on the CPU.
     """
     if engine not in ("auto", "opencv", "torch"):
         raise ConfigError(f"unknown engine {engine!r}: use auto, opencv or torch")
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"unknown device {device!r}: use auto, cpu or cuda")
+    if engine == "torch" and not hw.torch_installed:
+        raise ConfigError("--engine torch: PyTorch is not installed (install the gpu extra: pip install 'superres[gpu]')")
+    if device == "cuda":
+        if engine in ("auto", "torch") and hw.torch_cuda:
+            return EngineChoice("torch", "cuda")
+        if engine in ("auto", "opencv") and hw.opencv_cuda:
+            return EngineChoice("opencv", "cuda")
+        why = {
+            "opencv": "this OpenCV build has no CUDA support (the PyPI opencv wheels are CPU-only: "
+                      "cv2.cuda.getCudaEnabledDeviceCount() is 0)",
+            "torch": "torch.cuda.is_available() is False (no usable NVIDIA GPU or driver)",
+        }
+        reasons = [why["torch"]] if hw.torch_installed else ["PyTorch is not installed (the gpu extra)"]
+        if engine != "torch":
+            reasons.append(why["opencv"])
+        raise ConfigError("--device cuda: no engine can use a GPU here: " + "; ".join(reasons) + "; run with --device cpu")
     if engine == "torch":
-        raise ConfigError("the torch engine is not available in this build yet; use --engine opencv")
-    if device == "cuda" and not opencv_cuda:
-        raise ConfigError(
-            "--device cuda: this OpenCV build has no CUDA support (the PyPI opencv wheels are CPU-only: "
-            "cv2.cuda.getCudaEnabledDeviceCount() is 0); run with --device cpu"
-        )
-    if device == "auto":
-        device = "cuda" if opencv_cuda else "cpu"
-    return EngineChoice("opencv", device)
+        return EngineChoice("torch", "cuda" if device == "auto" and hw.torch_cuda else "cpu")
+    if device == "auto" and engine == "auto" and hw.torch_cuda:
+        return EngineChoice("torch", "cuda")
+    if device == "auto" and hw.opencv_cuda:
+        return EngineChoice("opencv", "cuda")
+    return EngineChoice("opencv", "cpu")
