@@ -2,6 +2,7 @@
 and ledger as watch mode, with a progress bar on a terminal and a summary at the end."""
 
 import glob
+import signal
 import logging
 import os
 import sys
@@ -12,6 +13,8 @@ from handler.runtime import open_processor
 from pipeline.adapters.s3_objects import S3Objects, s3_client
 from pipeline.adapters.s3_place import s3_inputs
 from pipeline.errors import ConfigError
+from pipeline.overlap import run_overlapped
+from pipeline.process import Result
 from pipeline.s3keys import is_s3_uri
 from pipeline.intake import is_temp_name
 from pipeline.adapters.local_files import LocalFile
@@ -81,14 +84,21 @@ def run_upscale(settings, inputs: list[str]) -> int:
     processor = open_processor(settings)
     counts = {"done": 0, "duplicate": 0, "failed": 0, "skipped": 0, "retry": 0}
     pixels = 0
-    started = time.perf_counter()
+    stopping = []
+
+    def stop(signum, _frame):
+        stopping.append(signum)  # finish the items in hand, start no more
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     bar = None
     if sys.stderr.isatty():
         from tqdm import tqdm
 
         bar = tqdm(total=len(sources), unit="img", file=sys.stderr)
-    for src in sources:
-        result = processor.process(src)
+
+    def report(result: Result) -> None:
+        nonlocal pixels
         counts[result.outcome] += 1
         pixels += result.output_pixels
         if bar is not None:
@@ -96,14 +106,21 @@ def run_upscale(settings, inputs: list[str]) -> int:
             bar.set_postfix({k: v for k, v in counts.items() if v})
         else:
             where = f" -> {result.output}" if result.output else ""
-            print(f"{result.outcome:<9} {src.id}{where}" + (f"  ({result.detail})" if result.detail else ""),
+            print(f"{result.outcome:<9} {result.source.id}{where}" + (f"  ({result.detail})" if result.detail else ""),
                   file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    # read/decode of the next items and encode/publish of finished ones overlap the engine
+    run_overlapped(processor, sources, report, stop=lambda: bool(stopping))
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - started
     rate = pixels / 1e6 / seconds if seconds > 0 else 0.0
+    not_started = len(sources) - sum(counts.values())
     print(
         f"done {counts['done']}, duplicate {counts['duplicate']}, failed {counts['failed'] + counts['retry']}, "
-        f"already done {counts['skipped']}; {seconds:.1f} s, {rate:.2f} output Mpx/s"
+        f"already done {counts['skipped']}"
+        + (f", not started {not_started} (interrupted)" if not_started else "")
+        + f"; {seconds:.1f} s, {rate:.2f} output Mpx/s"
     )
-    return 1 if counts["failed"] or counts["retry"] else 0
+    return 1 if counts["failed"] or counts["retry"] or not_started else 0

@@ -62,6 +62,25 @@ class Result:
         return self.outcome == "retry"
 
 
+@dataclass
+class Job:
+    """One item between the phases: what `prepare` learned, what the engine made."""
+
+    src: InputObject
+    fingerprint: str | None = None
+    sha: str | None = None
+    key: str | None = None
+    claimed: bool = False  # we hold the ledger claim on `key`
+    fmt: str = ""
+    content_type: str = ""
+    rel_out: str = ""
+    out_url: str = ""
+    image: codec.DecodedImage | None = None
+    frames: list | None = None
+    error: BaseException | None = None
+    timings: dict = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Options:
     limits: Limits
@@ -105,15 +124,16 @@ class Processor:
         self.outbox = outbox
         self.failed = failed
         self.policy = policy_id(options.policy, options.cap_side)
-        self.current_key: str | None = None  # the claim in hand, for heartbeats from another thread
-        self._lock = threading.Lock()
+        # keys claimed by this process and not yet settled: heartbeats renew them, and a second item with the
+        # same content waits for the first instead of claiming it again (our own claim would let it through)
+        self._inflight: set[str] = set()
+        self._inflight_changed = threading.Condition()
         if recover:
             self.recover()
 
     def heartbeat(self) -> None:
-        """Push the lease of the item in hand forward (called from a heartbeat thread on long items)."""
-        key = self.current_key
-        if key is not None:
+        """Push the leases of the items in hand forward (called from a heartbeat thread on long items)."""
+        for key in list(self._inflight):
             self.ledger.renew(key)
 
     def recover(self) -> None:
@@ -126,104 +146,155 @@ class Processor:
                 self.ledger.release_any(row.key)  # neither staged data nor output: it will be upscaled again
 
     def process(self, src: InputObject) -> Result:
-        with self._lock:
-            try:
-                return self._process(src)
-            finally:
-                self.current_key = None
+        """All stages, one after the other. `pipeline.overlap` runs the same three phases on three threads."""
+        job = self.prepare(src)
+        return job if isinstance(job, Result) else self.finish(self.run_engine(job))
 
-    def _process(self, src: InputObject) -> Result:
+    # -- phase 1: read, hash, dedup claim, decode ---------------------------------------------------------------
+
+    def prepare(self, src: InputObject) -> "Job | Result":
+        job = Job(src)
         t0 = time.perf_counter()
-        timings: dict[str, float] = {}
-        fingerprint = sha = key = None
         try:
-            fingerprint = src.fingerprint()
-            if fingerprint is not None:
-                settled = self.ledger.settled(src.id, fingerprint)
+            job.fingerprint = src.fingerprint()
+            if job.fingerprint is not None:
+                settled = self.ledger.settled(src.id, job.fingerprint)
                 if settled is not None:
                     if settled != "failed":
                         src.dispose(self.opt.disposition)  # a crash may have come between the ledger and this
                     return Result(src, "skipped", detail=f"already {settled}")
-            data, fingerprint = src.read(self.opt.limits.max_bytes)
+            data, job.fingerprint = src.read(self.opt.limits.max_bytes)
             check_size(len(data), self.opt.limits)
-            sha = hashlib.sha256(data).hexdigest()
-            timings["read"] = time.perf_counter() - t0
+            job.sha = hashlib.sha256(data).hexdigest()
+            job.timings["read"] = time.perf_counter() - t0
 
             header = codec.read_header(data)
             check_dimensions(header.width, header.height, header.frames, self.opt.limits)
-            fmt, ext = codec.output_format(header.format, None if self.opt.out_format == "keep" else self.opt.out_format)
-            rel_out = output_rel(src.rel, ext)
-            out_url = self.outbox.url(rel_out)
+            job.fmt, ext = codec.output_format(header.format, None if self.opt.out_format == "keep" else self.opt.out_format)
+            job.content_type = CONTENT_TYPES.get(ext, "application/octet-stream")
+            job.rel_out = output_rel(src.rel, ext)
+            job.out_url = self.outbox.url(job.rel_out)
             scope = self.policy if self.opt.dedup else f"{self.policy}:{src.id}"
-            key = dedup_key(sha, self.spec.name, self.spec.scale, scope)
-
-            outcome, row = self.ledger.claim(key, source=src.id, output=out_url)
-            if outcome is ClaimOutcome.BUSY:
-                key = None  # not ours to release
-                raise TransientError(f"another worker ({row.owner}) is processing the same content", stage="dedup")
-            if outcome is ClaimOutcome.DUPLICATE and not self.outbox.exists(row.output):
-                self.ledger.reopen(key)  # the first output was removed since: do the work again
-                outcome, row = self.ledger.claim(key, source=src.id, output=out_url)
-            if outcome is ClaimOutcome.DUPLICATE:
-                return self._duplicate(src, row.output, rel_out, out_url, key, sha, fingerprint)
-            if outcome is ClaimOutcome.RESUME_PUBLISH:
-                if self.outbox.finish_staged(row.temp, row.output):
-                    self.ledger.mark_done(key, source=src.id, fingerprint=fingerprint, sha256=sha, output=row.output)
-                    src.dispose(self.opt.disposition)
-                    return Result(src, "done", row.output, "finished an interrupted publish", sha256=sha)
-                self.ledger.release_any(key)  # nothing to finish: upscale again
-                outcome, row = self.ledger.claim(key, source=src.id, output=out_url)
-                if outcome is not ClaimOutcome.NEW:
-                    raise TransientError("the item changed hands while resuming", stage="dedup")
-
-            self.current_key = key
-            log.info("upscaling", extra={"fields": {"source": src.id, "sha256": sha, "width": header.width,
+            key = dedup_key(job.sha, self.spec.name, self.spec.scale, scope)
+            self._hold(key)
+            job.key = key
+            done = self._claim(job)
+            if done is not None:
+                self._let_go(job)
+                return done
+            log.info("upscaling", extra={"fields": {"source": src.id, "sha256": job.sha, "width": header.width,
                                                     "height": header.height, "frames": header.frames}})
-            try:
-                encoded, pixels = self._upscale(data, header, fmt, timings)
-                t = time.perf_counter()
-                staged = self.outbox.stage(encoded, sha[:32])
-                self.ledger.mark_publishing(key, staged.token)
-                out_url = self.outbox.commit(staged, rel_out, content_type=CONTENT_TYPES.get(ext, "application/octet-stream"),
-                                             metadata=src.metadata(sha, self.spec.name))
-                self.ledger.mark_done(key, source=src.id, fingerprint=fingerprint, sha256=sha, output=out_url)
-                timings["publish"] = time.perf_counter() - t
-            except BaseException:
-                self.ledger.release(key)  # only a `claimed` row; a `publishing` one is finished by recovery
-                raise
-            src.dispose(self.opt.disposition)
-            return Result(src, "done", out_url, seconds=timings, output_pixels=pixels, sha256=sha)
-        except InputRejected as exc:
-            return self._fail(src, exc, sha, fingerprint, key, timings)
-        except TransientError as exc:
-            log.warning("will retry %r: %s", src.rel, exc.message)
-            return Result(src, "retry", detail=exc.message, sha256=sha)
-        except Exception as exc:  # a bug must cost one item, not the process; the input is set aside with the reason
-            log.exception("unexpected error on %r", src.rel)
-            error = InputRejected(f"internal error: {type(exc).__name__}: {exc}", stage="internal", code="internal_error")
-            return self._fail(src, error, sha, fingerprint, key, timings)
+            t = time.perf_counter()
+            job.image = codec.decode(data, header)
+            job.timings["decode"] = time.perf_counter() - t
+            return job
+        except BaseException as exc:
+            return self._settle_error(job, exc)
 
-    def _upscale(self, data: bytes, header, fmt: str, timings: dict) -> tuple[bytes, int]:
-        t = time.perf_counter()
-        image = codec.decode(data, header)
-        timings["decode"] = time.perf_counter() - t
+    def _claim(self, job: "Job") -> Result | None:
+        """Claim the key; None means "ours: upscale it", else the item is already settled by this call."""
+        src, key = job.src, job.key
+        outcome, row = self.ledger.claim(key, source=src.id, output=job.out_url)
+        if outcome is ClaimOutcome.BUSY:
+            job.claimed = False
+            raise TransientError(f"another worker ({row.owner}) is processing the same content", stage="dedup")
+        if outcome is ClaimOutcome.DUPLICATE and not self.outbox.exists(row.output):
+            self.ledger.reopen(key)  # the first output was removed since: do the work again
+            outcome, row = self.ledger.claim(key, source=src.id, output=job.out_url)
+        if outcome is ClaimOutcome.DUPLICATE:
+            return self._duplicate(src, row.output, job.rel_out, job.out_url, key, job.sha, job.fingerprint)
+        if outcome is ClaimOutcome.RESUME_PUBLISH:
+            if self.outbox.finish_staged(row.temp, row.output):
+                self.ledger.mark_done(key, source=src.id, fingerprint=job.fingerprint, sha256=job.sha, output=row.output)
+                src.dispose(self.opt.disposition)
+                return Result(src, "done", row.output, "finished an interrupted publish", sha256=job.sha)
+            self.ledger.release_any(key)  # nothing to finish: upscale again
+            outcome, row = self.ledger.claim(key, source=src.id, output=job.out_url)
+            if outcome is not ClaimOutcome.NEW:
+                raise TransientError("the item changed hands while resuming", stage="dedup")
+        job.claimed = True
+        return None
+
+    # -- phase 2: the engine --------------------------------------------------------------------------------------
+
+    def run_engine(self, job: "Job") -> "Job":
         t = time.perf_counter()
         try:
-            frames = [
+            job.frames = [
                 upscale_frame(f, self.engine, policy=self.opt.policy, cap_side=self.opt.cap_side,
                               tile=self.opt.tile, context=self.spec.context_px)
-                for f in image.frames
+                for f in job.image.frames
             ]
-        except SuperresError:
-            raise
+        except SuperresError as exc:
+            job.error = exc
         except Exception as exc:  # an engine failure on this input must not stop the process
-            raise InputRejected(f"the engine failed on this image: {exc}", stage="upscale", code="engine_failed") from None
-        timings["upscale"] = time.perf_counter() - t
-        t = time.perf_counter()
-        image.frames = frames
-        encoded = codec.encode(image, fmt, jpeg_quality=self.opt.jpeg_quality, webp_quality=self.opt.webp_quality)
-        timings["encode"] = time.perf_counter() - t
-        return encoded, sum(f.shape[0] * f.shape[1] for f in frames)
+            job.error = InputRejected(f"the engine failed on this image: {exc}", stage="upscale", code="engine_failed")
+        except BaseException as exc:
+            job.error = exc
+        job.timings["upscale"] = time.perf_counter() - t
+        return job
+
+    # -- phase 3: encode, publish, ledger, disposition -------------------------------------------------------------
+
+    def finish(self, job: "Job") -> Result:
+        src = job.src
+        try:
+            if job.error is not None:
+                raise job.error
+            t = time.perf_counter()
+            job.image.frames = job.frames
+            encoded = codec.encode(job.image, job.fmt, jpeg_quality=self.opt.jpeg_quality, webp_quality=self.opt.webp_quality)
+            job.timings["encode"] = time.perf_counter() - t
+            t = time.perf_counter()
+            staged = self.outbox.stage(encoded, job.sha[:32])
+            self.ledger.mark_publishing(job.key, staged.token)
+            out_url = self.outbox.commit(staged, job.rel_out, content_type=job.content_type,
+                                         metadata=src.metadata(job.sha, self.spec.name))
+            self.ledger.mark_done(job.key, source=src.id, fingerprint=job.fingerprint, sha256=job.sha, output=out_url)
+            job.claimed = False
+            job.timings["publish"] = time.perf_counter() - t
+            pixels = sum(f.shape[0] * f.shape[1] for f in job.frames)
+            self._let_go(job)
+            src.dispose(self.opt.disposition)
+            return Result(src, "done", out_url, seconds=job.timings, output_pixels=pixels, sha256=job.sha)
+        except BaseException as exc:
+            return self._settle_error(job, exc)
+
+    # -- the rest ---------------------------------------------------------------------------------------------
+
+    def _hold(self, key: str) -> None:
+        with self._inflight_changed:
+            while key in self._inflight:
+                self._inflight_changed.wait()
+            self._inflight.add(key)
+
+    def _let_go(self, job: "Job") -> None:
+        if job.key is None:
+            return
+        with self._inflight_changed:
+            self._inflight.discard(job.key)
+            self._inflight_changed.notify_all()
+
+    def _settle_error(self, job: "Job", exc: BaseException) -> Result:
+        """Any error ends the job: release our claim (a `publishing` row is left to recovery), then record it."""
+        if job.claimed:
+            self.ledger.release(job.key)
+            job.claimed = False
+        self._let_go(job)
+        src = job.src
+        if not isinstance(exc, Exception):
+            raise exc  # KeyboardInterrupt, SystemExit: the claim is released, the process goes
+        if not isinstance(exc, SuperresError):
+            # a bug must cost one item, not the process; the input is set aside with the reason
+            log.error("unexpected error on %r", src.rel, exc_info=exc)
+            exc = InputRejected(f"internal error: {type(exc).__name__}: {exc}", stage="internal", code="internal_error")
+        if isinstance(exc, InputRejected):
+            try:
+                return self._fail(src, exc, job.sha, job.fingerprint, job.key, job.timings)
+            except TransientError as failed_too:  # the failed place itself is unreachable: try the item again later
+                exc = failed_too
+        log.warning("will retry %r: %s", src.rel, exc.message)
+        return Result(src, "retry", detail=exc.message, seconds=job.timings, sha256=job.sha)
 
     def _duplicate(self, src, first: str, rel_out: str, out_url: str, key, sha, fingerprint) -> Result:
         if first == out_url:  # this very input, finished before a crash or restart: settle it, no work
@@ -244,8 +315,6 @@ class Processor:
             "model": self.spec.name, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "input": src.id, "retryable": False,
         }
-        if key:
-            self.ledger.release(key)
         where = self.failed.put_failure(src.rel, record, src, move=self.opt.disposition != "keep")
         self.ledger.record_source(src.id, fingerprint=fingerprint, sha256=sha, key=key,
                                   outcome="failed", output=where, detail=exc.message)

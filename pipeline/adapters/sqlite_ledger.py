@@ -3,6 +3,7 @@
 import os
 import socket
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,19 +68,22 @@ class SQLiteLedger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a row must not outlive a power cut less than its output
         self._db.executescript(SCHEMA)
+        self._lock = threading.RLock()
 
     def close(self) -> None:
         self._db.close()
 
     @contextmanager
     def _tx(self):
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        # one connection serves the reader, engine and writer threads (pipeline/overlap.py): one at a time
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def _row(self, db, key: str) -> ItemRow | None:
         r = db.execute(
@@ -164,12 +168,14 @@ class SQLiteLedger:
 
     def settled(self, source: str, fingerprint: str) -> str | None:
         """The outcome already recorded for this source as it is now (same fingerprint), if any."""
-        r = self._db.execute("SELECT outcome FROM sources WHERE source=? AND fingerprint=?",
-                             (source, fingerprint)).fetchone()
+        with self._lock:
+            r = self._db.execute("SELECT outcome FROM sources WHERE source=? AND fingerprint=?",
+                                 (source, fingerprint)).fetchone()
         return r[0] if r else None
 
     def item(self, key: str) -> ItemRow | None:
-        return self._row(self._db, key)
+        with self._lock:
+            return self._row(self._db, key)
 
     def stats(self) -> dict:
         items = dict(self._db.execute("SELECT state, COUNT(*) FROM items GROUP BY state").fetchall())
