@@ -22,6 +22,13 @@ def test_info_reports_engine_device_model_and_settings():
     assert doc["settings"]["model_dir"] == str(SHARED_MODELS)
 
 
+def test_info_with_the_torch_engine_on_the_cpu():
+    result = run("info", "--model", "fsrcnn-x2", "--engine", "torch")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert (doc["engine"], doc["device"], doc["precision"]) == ("torch", "cpu", "fp32")
+
+
 def test_cuda_on_a_cpu_only_opencv_is_a_clear_start_up_error():
     result = run("info", "--model", "espcn-x2", "--device", "cuda")
     assert result.returncode == 2

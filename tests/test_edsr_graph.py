@@ -12,7 +12,8 @@ from conftest import lr_image
 from edsr_graph import (DT_FLOAT, DT_QUINT8, OUTPUT_NAME, GraphWriter, attr_ints, attr_s, attr_type,
                         build_edsr_graph, dequantize_min_first, edsr_weights, quantize_min_first)
 from models.catalog import ModelSpec
-from models.engines.opencv_engine import EDSR_MEAN_BGR, OpenCVEngine
+from models.engines.dnn_superres_io import EDSR_MEAN_BGR
+from models.engines.opencv_engine import OpenCVEngine
 
 # Registers dnn_superres' DepthToSpace with cv2.dnn; OpenCV 5's own DepthSpaceLayer wants a "blocksize"
 # param the TF importer does not give it, so plain readNetFromTensorflow fails at forward without this.
