@@ -29,7 +29,8 @@ def _pipeline_options() -> argparse.ArgumentParser:
     g = p.add_argument_group("pipeline")
     g.add_argument("--failed", help="folder or s3:// prefix for failed inputs and NAME.error.json (default: beside the outbox)")
     g.add_argument("--policy", choices=["tile", "cap"], help="tile: full resolution (default); cap: shrink to --cap-side first")
-    g.add_argument("--tile", type=int, help="tile side in input pixels")
+    g.add_argument("--tile", type=int, help="tile side in input pixels (0: the engine's choice)")
+    g.add_argument("--tile-batch", type=int, help="tiles per engine call (0: the engine's choice)")
     g.add_argument("--cap-side", type=int)
     g.add_argument("--format", choices=["keep", "png", "jpeg", "webp", "tiff"], help="output format (default: keep the input's)")
     g.add_argument("--max-bytes", type=int)
@@ -160,7 +161,9 @@ def run_info(settings: Settings) -> int:
     from models.engines import load_engine
 
     engine, spec = load_engine(settings)
-    doc = {**engine.describe(), "context_px": spec.context_px,
+    batch = settings.tile_batch or engine.default_batch()
+    doc = {**engine.describe(), "context_px": spec.context_px, "tile": settings.tile or engine.default_tile(batch),
+           "tile_batch": batch,
            "settings": json.loads(settings.model_dump_json())}
     print(json.dumps(doc, indent=2))
     return 0

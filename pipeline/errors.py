@@ -52,3 +52,10 @@ class DownloadError(SuperresError):
 
     default_stage = "download"
     default_code = "download_failed"
+
+
+class DeviceOutOfMemory(TransientError):
+    """The accelerator ran out of memory on this piece of work: smaller tiles may fit."""
+
+    default_stage = "upscale"
+    default_code = "device_out_of_memory"

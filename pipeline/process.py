@@ -86,7 +86,8 @@ class Options:
     limits: Limits
     policy: str
     cap_side: int
-    tile: int
+    tile: int  # 0: the engine's choice
+    tile_batch: int  # 0: the engine's choice
     out_format: str
     jpeg_quality: int
     webp_quality: int
@@ -98,7 +99,7 @@ class Options:
     def from_settings(cls, s) -> "Options":
         return cls(
             limits=Limits(s.max_bytes, s.max_pixels, s.max_side, s.min_side),
-            policy=s.policy, cap_side=s.cap_side, tile=s.tile, out_format=s.format,
+            policy=s.policy, cap_side=s.cap_side, tile=s.tile, tile_batch=s.tile_batch, out_format=s.format,
             jpeg_quality=s.jpeg_quality, webp_quality=s.webp_quality, dedup=s.dedup,
             on_duplicate=s.on_duplicate, disposition=s.disposition,
         )
@@ -124,6 +125,8 @@ class Processor:
         self.outbox = outbox
         self.failed = failed
         self.policy = policy_id(options.policy, options.cap_side)
+        self.batch = options.tile_batch or engine.default_batch()
+        self.tile = options.tile or engine.default_tile(self.batch)
         # keys claimed by this process and not yet settled: heartbeats renew them, and a second item with the
         # same content waits for the first instead of claiming it again (our own claim would let it through)
         self._inflight: set[str] = set()
@@ -222,7 +225,7 @@ class Processor:
         try:
             job.frames = [
                 upscale_frame(f, self.engine, policy=self.opt.policy, cap_side=self.opt.cap_side,
-                              tile=self.opt.tile, context=self.spec.context_px)
+                              tile=self.tile, context=self.spec.context_px, batch=self.batch)
                 for f in job.image.frames
             ]
         except SuperresError as exc:

@@ -36,7 +36,8 @@ class Settings(BaseSettings):
 
     # resize policy and refusal limits (the limits apply to every input, whatever the policy)
     policy: Literal["tile", "cap"] = "tile"
-    tile: int = Field(256, ge=16)  # tile side in input pixels (memory bound, not a quality knob)
+    tile: int = Field(0, ge=0)  # tile side in input px (a memory bound, not a quality knob); 0: the engine's choice
+    tile_batch: int = Field(0, ge=0)  # tiles per engine call; 0: the engine's choice (1 on CPU, several on a GPU)
     cap_side: int = Field(500, ge=1)  # policy=cap: longest input side before upscaling (the seed's way)
     max_bytes: int = Field(200 * 1024 * 1024, ge=1)
     max_pixels: int = Field(50_000_000, ge=1)  # input width*height*frames, checked on the header

@@ -36,3 +36,62 @@ def test_cap_policy_and_policy_ids():
     assert capped_size(1000, 500, 500) == (500, 250)
     assert capped_size(3, 2000, 500) == (1, 500)
     assert policy_id("tile", 500) != policy_id("cap", 500) != policy_id("cap", 400)
+
+
+def test_batched_tiles_equal_one_at_a_time():
+    from models.engines.torch_engine import TorchEngine
+
+    spec = CATALOG["espcn-x3"]
+    engine = TorchEngine(spec, SHARED_MODELS / spec.filename)
+    image = lr_image("bird", 3)[:90, :70]
+    one = upscale_tiled(image, engine, tile=24, context=spec.context_px, batch=1)
+    batched = upscale_tiled(image, engine, tile=24, context=spec.context_px, batch=4)
+    assert np.array_equal(one, batched)
+
+
+class SmallDevice:
+    """A real engine behind a memory budget, as a small GPU would be: more input pixels in one call than the
+    budget raises DeviceOutOfMemory (what TorchEngine raises on torch.cuda.OutOfMemoryError)."""
+
+    def __init__(self, engine, budget_px: int):
+        self.engine, self.budget_px, self.scale, self.calls = engine, budget_px, engine.scale, []
+
+    def _guard(self, images):
+        pixels = sum(im.shape[0] * im.shape[1] for im in images)
+        self.calls.append(pixels)
+        if pixels > self.budget_px:
+            from pipeline.errors import DeviceOutOfMemory
+
+            raise DeviceOutOfMemory("out of memory")
+
+    def upscale(self, image):
+        self._guard([image])
+        return self.engine.upscale(image)
+
+    def upscale_batch(self, images):
+        self._guard(images)
+        return self.engine.upscale_batch(images)
+
+
+def test_out_of_memory_shrinks_the_batch_then_the_tile_and_the_result_is_unchanged():
+    from pipeline.upscale import upscale_frame
+
+    spec = CATALOG["fsrcnn-small-x2"]
+    engine = OpenCVEngine(spec, SHARED_MODELS / spec.filename)
+    image = lr_image("baby", 2)[:150, :140]
+    expected = upscale_tiled(image, engine, tile=256, context=spec.context_px)
+    small = SmallDevice(engine, budget_px=60 * 60)
+    got = upscale_frame(image, small, policy="tile", cap_side=500, tile=128, context=spec.context_px, batch=4)
+    diff = np.abs(got.astype(int) - expected)  # other tile sizes: the same picture but for rare rounding flips
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.001
+    assert max(small.calls) > 60 * 60 and small.calls[-1] <= 60 * 60  # it failed big, then fitted
+
+
+def test_out_of_memory_at_the_smallest_tile_is_a_transient_error():
+    from pipeline.errors import TransientError
+    from pipeline.upscale import upscale_frame
+
+    spec = CATALOG["fsrcnn-small-x2"]
+    small = SmallDevice(OpenCVEngine(spec, SHARED_MODELS / spec.filename), budget_px=10)
+    with pytest.raises(TransientError, match="smallest tile"):
+        upscale_frame(lr_image("baby", 2)[:80, :80], small, policy="tile", cap_side=500, tile=64, context=8)

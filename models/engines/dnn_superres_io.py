@@ -40,6 +40,14 @@ class DnnSuperResIO:
     def forward(self, blob: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def default_tile(self, batch: int) -> int:
+        """Tile side (input px) when the settings leave it to the engine. 256 on a CPU: large enough that the
+        overlap costs little, small enough for the cache (docs/benchmarks.md)."""
+        return 256
+
+    def default_batch(self) -> int:
+        return 1
+
     def upscale(self, image: np.ndarray) -> np.ndarray:
         return self.upscale_batch([image])[0]
 

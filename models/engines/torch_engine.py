@@ -38,7 +38,7 @@ from torch import nn
 from models.catalog import ModelSpec
 from models.engines.dnn_superres_io import DnnSuperResIO
 from models.graphdef import Graph, GraphDefError, Node, read_graphdef
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DeviceOutOfMemory
 
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _BINARY = {"Add", "AddV2", "BiasAdd", "Sub", "Mul", "RealDiv", "Maximum", "Minimum"}
@@ -663,7 +663,31 @@ class TorchEngine(DnnSuperResIO):
         return {"engine": self.name, "device": self.device, "model": self.spec.name, "scale": self.scale,
                 "precision": self.precision, "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "channels_last": True,
-                "gpu": torch.cuda.get_device_name(self._torch_device) if self.device == "cuda" else None}
+                **(self._gpu() if self.device == "cuda" else {"gpu": None})}
+
+    def _gpu(self) -> dict:
+        free, total = torch.cuda.mem_get_info(self._torch_device)
+        return {"gpu": torch.cuda.get_device_name(self._torch_device), "gpu_memory_gib": round(total / 2**30, 1),
+                "gpu_free_gib": round(free / 2**30, 1)}
+
+    # -- how much work per call ------------------------------------------------------------------------
+
+    def default_batch(self) -> int:
+        return 8 if self.device == "cuda" else 1  # several tiles per call keep a GPU's SMs busy
+
+    def default_tile(self, batch: int) -> int:
+        """On CUDA: the largest tile whose activations fit half of the free GPU memory (the rest for cuDNN
+        workspaces and other processes), in steps of 32, between 64 and 1024. 256 on the CPU."""
+        if self.device != "cuda":
+            return 256
+        free, _total = torch.cuda.mem_get_info(self._torch_device)
+        widest = max((m.weight.shape[0] for m in self._module.modules() if hasattr(m, "weight") and m.weight is not None
+                      and m.weight.dim() == 4), default=64)
+        element = torch.finfo(self._dtype).bits // 8
+        # per input pixel: a few live activations of the widest layer, and the fp32 output copy
+        per_pixel = 3 * widest * element + 3 * self.scale * self.scale * 4
+        side = int((free * 0.5 / (batch * per_pixel)) ** 0.5) // 32 * 32
+        return max(64, min(1024, side))
 
     # -- the network on a float32 batch ----------------------------------------------------------------
 
@@ -674,6 +698,10 @@ class TorchEngine(DnnSuperResIO):
             if self.device == "cuda":
                 x = x.pin_memory().to(self._torch_device, non_blocking=True).to(self._dtype)
             x = x.contiguous(memory_format=torch.channels_last)
-            y = self._module(x)
+            try:
+                y = self._module(x)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                raise DeviceOutOfMemory(f"CUDA out of memory on a batch of {tuple(blob.shape)}") from None
             # .cpu() waits for the GPU; the numpy array is NCHW and contiguous
             return y.to(torch.float32).cpu().contiguous().numpy()
