@@ -1,22 +1,120 @@
 # syntax=docker/dockerfile:1
-# First sketch (issue 6 completes it): a CPU image with one model baked in at build time, so nothing downloads at run time.
+# superres as a container: one recipe, two targets that differ only in their base and their pip extras.
+#
+#   docker build --target cpu -t superres:cpu .            # python:3.11-slim, OpenCV on the CPU
+#   docker build --target gpu -t superres:gpu .            # CUDA base + the `gpu` extra (torch)
+#   (podman: add --format docker, or the HEALTHCHECK is dropped from the OCI image config)
+#
+# Build args: MODEL (catalog name baked in at build time, checksum-verified; default edsr-x3) and MODEL_BASE_URL
+# (a mirror; default: each model's pinned upstream URL). To bake from a local folder, with no network:
+#   --build-context models=DIR --build-arg MODEL_BASE_URL=file:///mnt/models
+# (the `models` build context replaces the empty stage of that name and is mounted at /mnt/models for the pull;
+# the layer cache does not look at the folder's content, only at MODEL and MODEL_BASE_URL: the checksum does).
+# Nothing downloads at run time: SUPERRES_MODEL_DIR is the baked folder, read-only for the runtime user.
+#
+# Modes (docker/entrypoint.sh): watch | worker | upscale | info | models ARGS -> `superres MODE ARGS`;
+# lambda [HANDLER] -> awslambdaric on handler.lambda_function.handler; no arguments -> lambda inside AWS Lambda
+# (AWS_LAMBDA_RUNTIME_API set), else info. tini is PID 1: SIGTERM reaches Python in every mode (Python as PID 1
+# ignores SIGTERM unless it installed a handler, which only watch and worker do) and zombies are reaped.
 ARG PYTHON_IMAGE=python:3.11-slim
+# GPU base: nvidia/cuda *base* (CUDA env for the NVIDIA container toolkit, cuda-compat, no libraries), not
+# *runtime*/*cudnn-runtime* nor pytorch/pytorch: the PyPI torch wheels bring their own CUDA runtime, cuBLAS and
+# cuDNN (the nvidia-*-cu12 wheels), so a runtime base would ship those libraries twice (~3 GB), and pytorch/pytorch
+# puts Python in conda, outside the venv the cpu target uses. Ubuntu 22.04 has python3.11 in its archive.
+ARG CUDA_IMAGE=nvidia/cuda:12.4.1-base-ubuntu22.04
 
-FROM ${PYTHON_IMAGE} AS cpu
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+# Empty unless a `models` build context replaces it (see above).
+FROM scratch AS models
+
+FROM ${CUDA_IMAGE} AS gpu-base
+ARG DEBIAN_FRONTEND=noninteractive
+# Versions come from the base's pinned distribution release; apt pins would break on every point release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+
+# ---- gpu: every line below FROM is the same in cpu but EXTRAS (tests/test_container.py checks it) ----
+FROM gpu-base AS gpu
+ARG DEBIAN_FRONTEND=noninteractive
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH TINI_SUBREAPER=1 \
     SUPERRES_MODEL_DIR=/opt/superres/models
-WORKDIR /opt/superres/app
-COPY pyproject.toml README.md ./
+# tini (PID 1, see above), the runtime user, its work folder, and a venv: the same pip on every base.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tini \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin superres \
+ && install -d -o superres -g superres /work \
+ && python3.11 -m venv /opt/venv
+WORKDIR /opt/superres/src
+# Dependencies first, read from pyproject.toml itself (one list, no copy to drift): this layer is rebuilt only
+# when pyproject.toml or EXTRAS change, not when the code does.
+COPY pyproject.toml ./
+ARG EXTRAS=lambda,gpu
+RUN python -c "import os, tomllib; t = tomllib.load(open('pyproject.toml', 'rb')); x = t['project']['optional-dependencies']; print('\n'.join(t['build-system']['requires'] + t['project']['dependencies'] + [r for e in os.environ['EXTRAS'].split(',') if e for r in x[e]]))" > /tmp/requirements.txt \
+ && pip install --no-cache-dir -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
+COPY README.md ./
 COPY handler ./handler
 COPY pipeline ./pipeline
 COPY models ./models
-RUN pip install --no-cache-dir . && useradd --create-home --uid 10001 superres
-# MODEL: a catalog name; MODEL_BASE_URL: optional mirror (e.g. a local server in tests). Verified by checksum.
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
+ && rm -rf build ./*.egg-info \
+ && pip check
 ARG MODEL=edsr-x3
 ARG MODEL_BASE_URL=
-RUN superres models pull "${MODEL}" ${MODEL_BASE_URL:+--base-url "$MODEL_BASE_URL"} --model-dir /opt/superres/models
+RUN --mount=type=bind,from=models,target=/mnt/models \
+    superres models pull "$MODEL" --model-dir "$SUPERRES_MODEL_DIR" ${MODEL_BASE_URL:+--base-url "$MODEL_BASE_URL"}
 ENV SUPERRES_MODEL=${MODEL}
-USER superres
+COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/superres-entrypoint
+USER 10001:10001
 WORKDIR /work
-ENTRYPOINT ["superres"]
-CMD ["info"]
+# watch and worker serve /healthz on SUPERRES_METRICS_PORT (default 9100); the other modes have nothing to probe
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 CMD ["/usr/local/bin/superres-entrypoint", "healthcheck"]
+ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/superres-entrypoint"]
+CMD []
+
+# ---- cpu (the default target, last): the same lines as gpu above, on python:3.11-slim, without the gpu extra ----
+FROM ${PYTHON_IMAGE} AS cpu
+ARG DEBIAN_FRONTEND=noninteractive
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH TINI_SUBREAPER=1 \
+    SUPERRES_MODEL_DIR=/opt/superres/models
+# tini (PID 1, see above), the runtime user, its work folder, and a venv: the same pip on every base.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tini \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin superres \
+ && install -d -o superres -g superres /work \
+ && python3.11 -m venv /opt/venv
+WORKDIR /opt/superres/src
+# Dependencies first, read from pyproject.toml itself (one list, no copy to drift): this layer is rebuilt only
+# when pyproject.toml or EXTRAS change, not when the code does.
+COPY pyproject.toml ./
+ARG EXTRAS=lambda
+RUN python -c "import os, tomllib; t = tomllib.load(open('pyproject.toml', 'rb')); x = t['project']['optional-dependencies']; print('\n'.join(t['build-system']['requires'] + t['project']['dependencies'] + [r for e in os.environ['EXTRAS'].split(',') if e for r in x[e]]))" > /tmp/requirements.txt \
+ && pip install --no-cache-dir -r /tmp/requirements.txt \
+ && rm /tmp/requirements.txt
+COPY README.md ./
+COPY handler ./handler
+COPY pipeline ./pipeline
+COPY models ./models
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
+ && rm -rf build ./*.egg-info \
+ && pip check
+ARG MODEL=edsr-x3
+ARG MODEL_BASE_URL=
+RUN --mount=type=bind,from=models,target=/mnt/models \
+    superres models pull "$MODEL" --model-dir "$SUPERRES_MODEL_DIR" ${MODEL_BASE_URL:+--base-url "$MODEL_BASE_URL"}
+ENV SUPERRES_MODEL=${MODEL}
+COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/superres-entrypoint
+USER 10001:10001
+WORKDIR /work
+# watch and worker serve /healthz on SUPERRES_METRICS_PORT (default 9100); the other modes have nothing to probe
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 CMD ["/usr/local/bin/superres-entrypoint", "healthcheck"]
+ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/superres-entrypoint"]
+CMD []
+

@@ -1,0 +1,43 @@
+#!/bin/sh
+# The image's entrypoint, run under tini (PID 1: forwards signals, reaps). Every mode `exec`s, so the Python
+# process is tini's child and gets SIGTERM itself (watch and worker finish the item in hand and exit 0).
+#
+#   watch | worker | upscale | info | models ARGS   superres MODE ARGS
+#   lambda [HANDLER]       the AWS Lambda Runtime Interface Client on handler.lambda_function.handler
+#   (no arguments)         lambda inside AWS Lambda (AWS_LAMBDA_RUNTIME_API is set), else info
+#   healthcheck            the image's HEALTHCHECK: GET /healthz in watch and worker; other modes: healthy
+#   anything else          passed to superres as is (e.g. --help)
+set -eu
+
+LAMBDA_HANDLER=handler.lambda_function.handler
+
+if [ $# -eq 0 ]; then
+  if [ -n "${AWS_LAMBDA_RUNTIME_API:-}" ]; then set -- lambda; else set -- info; fi
+fi
+
+case "$1" in
+  lambda)
+    exec python -m awslambdaric "${2:-$LAMBDA_HANDLER}"
+    ;;
+  healthcheck)
+    # the mode this container runs: the word after the entrypoint in PID 1's command line (tini -- ENTRYPOINT MODE)
+    mode=$(tr '\0' '\n' </proc/1/cmdline | sed -n '/superres-entrypoint$/{n;p;q;}')
+    case "$mode" in
+      watch | worker) ;;
+      *) exit 0 ;;  # one-shot and Lambda modes serve no /healthz
+    esac
+    [ "${SUPERRES_METRICS_PORT:-9100}" != 0 ] || exit 0  # metrics server turned off: nothing to probe
+    exec python -c 'import os, urllib.request as u; u.urlopen("http://127.0.0.1:%s/healthz" % os.environ.get("SUPERRES_METRICS_PORT", "9100"), timeout=4)'
+    ;;
+  watch | worker | upscale | info | models)
+    exec superres "$@"
+    ;;
+  *.*)
+    # AWS Lambda's ImageConfig.Command given as the handler itself (the usual convention)
+    if [ -n "${AWS_LAMBDA_RUNTIME_API:-}" ]; then exec python -m awslambdaric "$1"; fi
+    exec superres "$@"
+    ;;
+  *)
+    exec superres "$@"
+    ;;
+esac
