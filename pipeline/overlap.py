@@ -3,7 +3,8 @@ hashed and decoded, or while finished ones are encoded and published.
 
     reader:  prepare(src)  -> [queue, `depth`] -> engine: run_engine(job) -> [queue, `depth`] -> writer: finish(job)
 
-Queues are bounded: memory holds at most about 2*depth+3 items, whatever the number of inputs (backpressure).
+Queues are bounded: memory holds at most about 2*depth+3 items (plus a GPU's group), whatever the number of
+inputs (backpressure).
 Results come out in input order. The engine stays on the calling thread (CUDA contexts and OpenCV's thread pool
 like one caller)."""
 
@@ -44,9 +45,25 @@ def run_overlapped(processor: Processor, sources: Iterable, on_result: Callable[
                threading.Thread(target=writer, name="superres-write", daemon=True)]
     for t in threads:
         t.start()
+    # on a GPU, several images ready at once share engine calls; one call per image on a CPU
+    group = processor.batch if processor.batch > 1 else 1
     try:
-        while (item := prepared.get()) is not _END:
-            finished.put(processor.run_engine(item) if isinstance(item, Job) else item)
+        ended = False
+        while not ended:
+            items = [prepared.get()]
+            while len(items) < group and items[-1] is not _END:
+                try:
+                    items.append(prepared.get_nowait())
+                except queue.Empty:
+                    break
+            if items[-1] is _END:
+                ended = True
+                items.pop()
+            jobs = [item for item in items if isinstance(item, Job)]
+            if jobs:
+                processor.run_engine_many(jobs)
+            for item in items:  # in input order; jobs were filled in place
+                finished.put(item)
     finally:
         finished.put(_END)
         for t in threads:

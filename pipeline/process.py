@@ -18,7 +18,7 @@ from pipeline.errors import InputRejected, SuperresError, TransientError
 from pipeline.ledger import ClaimOutcome, Ledger, dedup_key
 from pipeline.limits import Limits, check_dimensions, check_size
 from pipeline.tiling import policy_id
-from pipeline.upscale import upscale_frame
+from pipeline.upscale import upscale_frames
 
 log = logging.getLogger("superres.pipeline")
 
@@ -221,21 +221,34 @@ class Processor:
     # -- phase 2: the engine --------------------------------------------------------------------------------------
 
     def run_engine(self, job: "Job") -> "Job":
+        return self.run_engine_many([job])[0]
+
+    def run_engine_many(self, jobs: list["Job"]) -> list["Job"]:
+        """The tiles of several images share engine calls (a GPU wants many per call). If anything fails, the
+        jobs are run again one by one, so one bad image costs only itself."""
         t = time.perf_counter()
+        frames = [f for job in jobs for f in job.image.frames]
         try:
-            job.frames = [
-                upscale_frame(f, self.engine, policy=self.opt.policy, cap_side=self.opt.cap_side,
-                              tile=self.tile, context=self.spec.context_px, batch=self.batch)
-                for f in job.image.frames
-            ]
+            ups = iter(upscale_frames(frames, self.engine, policy=self.opt.policy, cap_side=self.opt.cap_side,
+                                      tile=self.tile, context=self.spec.context_px, batch=self.batch))
+            for job in jobs:
+                job.frames = [next(ups) for _ in job.image.frames]
+                job.timings["upscale"] = (time.perf_counter() - t) / len(jobs)  # shared calls: an even share each
+            return jobs
         except SuperresError as exc:
-            job.error = exc
+            if len(jobs) > 1:
+                return [self.run_engine(job) for job in jobs]
+            jobs[0].error = exc
         except Exception as exc:  # an engine failure on this input must not stop the process
-            job.error = InputRejected(f"the engine failed on this image: {exc}", stage="upscale", code="engine_failed")
+            if len(jobs) > 1:
+                return [self.run_engine(job) for job in jobs]
+            jobs[0].error = InputRejected(f"the engine failed on this image: {exc}", stage="upscale",
+                                          code="engine_failed")
         except BaseException as exc:
-            job.error = exc
-        job.timings["upscale"] = time.perf_counter() - t
-        return job
+            for job in jobs:
+                job.error = exc
+        jobs[0].timings["upscale"] = time.perf_counter() - t
+        return jobs
 
     # -- phase 3: encode, publish, ledger, disposition -------------------------------------------------------------
 

@@ -1,4 +1,7 @@
-"""The upscale stage: resize policy, alpha split, tiles through the engine, assembled at full resolution."""
+"""The upscale stage: resize policy, alpha split, tiles through the engine, assembled at full resolution.
+
+Tiles of one padded size (and kind: gray or BGR, uint8 or uint16) go through the engine `batch` at a time,
+across frames and across images (`upscale_frames`): a GPU wants many small tiles per call."""
 
 import logging
 from itertools import groupby
@@ -15,23 +18,30 @@ log = logging.getLogger("superres.upscale")
 MIN_TILE = 32  # below this the overlap dominates: give the item back for a later try instead
 
 
-def upscale_tiled(image: np.ndarray, engine, tile: int, context: int, batch: int = 1) -> np.ndarray:
-    """Run `engine` over overlapping tiles and keep each tile's core: equal to the untiled result.
-    Tiles of one padded size go through the engine `batch` at a time (a GPU wants several per call)."""
-    h, w = image.shape[:2]
+def upscale_many(images: list[np.ndarray], engine, tile: int, context: int, batch: int = 1) -> list[np.ndarray]:
+    """Upscale several images in overlapping tiles, keeping each tile's core: equal to the untiled results."""
     s = engine.scale
-    out = np.empty((h * s, w * s) + image.shape[2:], dtype=image.dtype)
-    tiles = sorted(plan_tiles(w, h, tile, context), key=lambda t: (t.py1 - t.py0, t.px1 - t.px0))
-    for _, same_size in groupby(tiles, key=lambda t: (t.py1 - t.py0, t.px1 - t.px0)):
-        same_size = list(same_size)
-        for start in range(0, len(same_size), batch):
-            chunk = same_size[start:start + batch]
-            inputs = [np.ascontiguousarray(image[t.py0:t.py1, t.px0:t.px1]) for t in chunk]
-            ups = engine.upscale_batch(inputs) if batch > 1 else [engine.upscale(inputs[0])]
-            for t, up in zip(chunk, ups):
+    outs = [np.empty((im.shape[0] * s, im.shape[1] * s) + im.shape[2:], dtype=im.dtype) for im in images]
+    work = [(i, t) for i, im in enumerate(images) for t in plan_tiles(im.shape[1], im.shape[0], tile, context)]
+
+    def kind(item):
+        i, t = item
+        return t.py1 - t.py0, t.px1 - t.px0, images[i].ndim, images[i].dtype.str
+
+    for _, group in groupby(sorted(work, key=kind), key=kind):
+        group = list(group)
+        for start in range(0, len(group), batch):
+            chunk = group[start:start + batch]
+            inputs = [np.ascontiguousarray(images[i][t.py0:t.py1, t.px0:t.px1]) for i, t in chunk]
+            ups = engine.upscale_batch(inputs) if len(inputs) > 1 else [engine.upscale(inputs[0])]
+            for (i, t), up in zip(chunk, ups):
                 oy, ox = (t.y0 - t.py0) * s, (t.x0 - t.px0) * s
-                out[t.y0 * s:t.y1 * s, t.x0 * s:t.x1 * s] = up[oy:oy + (t.y1 - t.y0) * s, ox:ox + (t.x1 - t.x0) * s]
-    return out
+                outs[i][t.y0 * s:t.y1 * s, t.x0 * s:t.x1 * s] = up[oy:oy + (t.y1 - t.y0) * s, ox:ox + (t.x1 - t.x0) * s]
+    return outs
+
+
+def upscale_tiled(image: np.ndarray, engine, tile: int, context: int, batch: int = 1) -> np.ndarray:
+    return upscale_many([image], engine, tile, context, batch)[0]
 
 
 def apply_policy(frame: np.ndarray, policy: str, cap_side: int) -> np.ndarray:
@@ -42,16 +52,17 @@ def apply_policy(frame: np.ndarray, policy: str, cap_side: int) -> np.ndarray:
     return frame if size is None else cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
 
 
-def upscale_frame(frame: np.ndarray, engine, *, policy: str, cap_side: int, tile: int, context: int,
-                  batch: int = 1) -> np.ndarray:
-    frame = apply_policy(frame, policy, cap_side)
-    color, alpha = split_alpha(frame)
+def upscale_frames(frames: list[np.ndarray], engine, *, policy: str, cap_side: int, tile: int, context: int,
+                   batch: int = 1) -> list[np.ndarray]:
+    """Frames of one or several images. Alpha goes through the model on its own, as a gray image, so edges stay
+    as sharp as the colour (the colour under transparent pixels is filled first: no dark fringes)."""
+    split = [split_alpha(apply_policy(f, policy, cap_side)) for f in frames]
+    planes = [color for color, _ in split] + [alpha for _, alpha in split if alpha is not None]
     while True:
         try:
-            color_up = upscale_tiled(color, engine, tile, context, batch)
-            # Alpha goes through the model on its own, as a gray image, so edges stay as sharp as the colour.
-            alpha_up = None if alpha is None else upscale_tiled(alpha, engine, tile, context, batch)
-            return merge_alpha(color_up, alpha_up)
+            ups = iter(upscale_many(planes, engine, tile, context, batch))
+            colors = [next(ups) for _ in split]
+            return [merge_alpha(color, None if alpha is None else next(ups)) for color, (_, alpha) in zip(colors, split)]
         except DeviceOutOfMemory:
             # other work on the GPU took memory since the tile size was chosen: smaller batches, then tiles
             if batch > 1:
@@ -60,5 +71,9 @@ def upscale_frame(frame: np.ndarray, engine, *, policy: str, cap_side: int, tile
                 tile //= 2
             else:
                 raise TransientError("the device is out of memory even at the smallest tile", stage="upscale") from None
-            log.warning("device out of memory: retrying the item with smaller work",
-                        extra={"fields": {"tile": tile, "batch": batch}})
+            log.warning("device out of memory: retrying with smaller work", extra={"fields": {"tile": tile, "batch": batch}})
+
+
+def upscale_frame(frame: np.ndarray, engine, *, policy: str, cap_side: int, tile: int, context: int,
+                  batch: int = 1) -> np.ndarray:
+    return upscale_frames([frame], engine, policy=policy, cap_side=cap_side, tile=tile, context=context, batch=batch)[0]
