@@ -2,6 +2,7 @@
 
 import importlib.util
 import logging
+import os
 
 from models.catalog import get_model
 from models.engines.base import Engine, Hardware, choose_engine
@@ -10,12 +11,14 @@ log = logging.getLogger("superres.engine")
 
 
 def probe_hardware(engine: str, device: str) -> Hardware:
-    """Look only as far as the choice needs: importing torch costs a second, so not for opencv on the CPU."""
+    """Look only as far as the choice needs: importing torch costs a second or two, so not for opencv on the CPU,
+    and not where there is no NVIDIA driver at all (no /dev/nvidiactl: CUDA cannot work)."""
     from models.engines.opencv_engine import opencv_has_cuda
 
     torch_installed = importlib.util.find_spec("torch") is not None
     torch_cuda = False
-    if torch_installed and not (engine == "opencv" or device == "cpu"):
+    driver = os.path.exists("/dev/nvidiactl")
+    if torch_installed and (driver or device == "cuda") and not (engine == "opencv" or device == "cpu"):
         import torch
 
         torch_cuda = torch.cuda.is_available()
