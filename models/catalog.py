@@ -35,6 +35,7 @@ class ModelSpec:
     input_kind: str  # "y": network sees luma only (fsrcnn/espcn/lapsrn) | "bgr" (edsr)
     context_px: int  # LR pixels of context needed on each side (receptive radius): the minimum tile overlap
     macs_per_pixel: int  # approx multiply-accumulates per input pixel (DESIGN.md "Facts measured")
+    fastest_cpu_engine: str = "opencv"  # measured (docs/benchmarks.md): what `--engine auto` takes on a CPU
     license: str = "Apache-2.0"
 
     @property
@@ -74,6 +75,9 @@ def _spec(
         input_kind="bgr" if algorithm == "edsr" else "y",
         context_px=context_px,
         macs_per_pixel=macs_per_pixel,
+        # torch's oneDNN convs beat cv2.dnn 1.3-2.2x on the small, shallow FSRCNN/ESPCN graphs; cv2.dnn wins on
+        # LapSRN and EDSR-shaped graphs (docs/benchmarks.md). Used only where torch is installed.
+        fastest_cpu_engine="torch" if algorithm in ("fsrcnn", "espcn") else "opencv",
     )
 
 

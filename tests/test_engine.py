@@ -98,6 +98,21 @@ def test_engine_choice(engine, device, hw, expect):
 
 
 @pytest.mark.parametrize(
+    "engine, device, hw, expect",
+    [
+        ("auto", "auto", TORCH_CPU, ("torch", "cpu")),  # measured faster for this model, and installed
+        ("auto", "cpu", TORCH_CPU, ("torch", "cpu")),
+        ("auto", "auto", NONE, ("opencv", "cpu")),  # the CPU image: no torch
+        ("opencv", "auto", TORCH_CPU, ("opencv", "cpu")),  # asked for
+        ("auto", "auto", GPU, ("torch", "cuda")),
+    ],
+)
+def test_auto_on_a_cpu_takes_the_models_fastest_installed_engine(engine, device, hw, expect):
+    choice = choose_engine(engine, device, hw, fastest_on_cpu="torch")
+    assert (choice.engine, choice.device) == expect
+
+
+@pytest.mark.parametrize(
     "engine, device, hw, words",
     [
         ("auto", "cuda", NONE, "PyTorch is not installed"),

@@ -30,7 +30,8 @@ def load_engine(settings) -> tuple[Engine, "object"]:
     from models.files import default_model_dir, model_path, verify_file
 
     spec = get_model(settings.model)
-    choice = choose_engine(settings.engine, settings.device, probe_hardware(settings.engine, settings.device))
+    choice = choose_engine(settings.engine, settings.device, probe_hardware(settings.engine, settings.device),
+                           fastest_on_cpu=spec.fastest_cpu_engine)
     path = model_path(spec, settings.model_dir or default_model_dir())
     verify_file(spec, path)  # a wrong or truncated file is a start-up error, not a per-image one
     if choice.engine == "torch":

@@ -38,10 +38,11 @@ class Hardware:
     torch_cuda: bool
 
 
-def choose_engine(engine: str, device: str, hw: Hardware) -> EngineChoice:
+def choose_engine(engine: str, device: str, hw: Hardware, *, fastest_on_cpu: str = "opencv") -> EngineChoice:
     """Pure selection rules. Never a silent CPU run: asking for cuda where nothing can use a GPU is a ConfigError.
 
-    auto picks CUDA when a GPU is usable (torch first: it is our GPU path), else the OpenCV engine on the CPU.
+    auto picks CUDA when a GPU is usable (torch first: it is our GPU path); on a CPU the model's measured
+    fastest engine among those installed (`ModelSpec.fastest_cpu_engine`).
     """
     if engine not in ("auto", "opencv", "torch"):
         raise ConfigError(f"unknown engine {engine!r}: use auto, opencv or torch")
@@ -69,4 +70,6 @@ def choose_engine(engine: str, device: str, hw: Hardware) -> EngineChoice:
         return EngineChoice("torch", "cuda")
     if device == "auto" and hw.opencv_cuda:
         return EngineChoice("opencv", "cuda")
+    if engine == "auto" and fastest_on_cpu == "torch" and hw.torch_installed:
+        return EngineChoice("torch", "cpu")
     return EngineChoice("opencv", "cpu")
