@@ -324,7 +324,7 @@ def test_stack_deploys_into_moto_and_a_worker_drains_its_queue(moto_endpoint, tm
     assert env["SUPERRES_QUEUE_URL"] == queue and env["SUPERRES_OUTBOX"] == out["OutboxUri"]
     metrics_port = free_port()
     env.update(SUPERRES_MODEL=MODEL, SUPERRES_MODEL_DIR=str(SHARED_MODELS), SUPERRES_DEVICE="cpu",
-               SUPERRES_THREADS="1", SUPERRES_LEASE_S="4", SUPERRES_METRICS_PORT=str(metrics_port))
+               SUPERRES_THREADS="1", SUPERRES_LEASE_S="8", SUPERRES_METRICS_PORT=str(metrics_port))
     log = tmp_path / "worker.log"
     worker = subprocess.Popen([*superres_cmd(), *command, "--visibility-s", "10", "--wait-s", "1"],
                               env=cli_env(**{**aws_env(moto_endpoint), **env}), stdout=open(log, "ab"),
