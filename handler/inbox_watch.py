@@ -4,11 +4,17 @@ Only top-level entries of the inbox are inputs. The observer thread only queues 
 (and every ReadinessTracker call) happen in the caller's thread inside next_ready(), so no locks are needed.
 
 How a file becomes ready (see pipeline.intake.ReadinessTracker):
-- inotify (default): closed after write -> ready; renamed or moved in -> ready (a rename is atomic);
-  created/modified -> in flight until closed.
+- inotify (default): closed after write, then quiet for settle_s (no further event, the same size and mtime
+  at a look after that) -> ready; a writer that closes and reopens the file starts the wait again.
+  Created/modified -> in flight until closed.
+- renamed or moved in -> ready at once (a rename is atomic). Writing under a temporary name (x.jpg.part)
+  and renaming it in is the recommended way to drop files: no wait, and no half-written file is ever taken.
 - poll=True (network/FUSE mounts, no close events): only by stability of (size, mtime) for settle_s.
+- files already there at start: ready at once when their mtime is older than settle_s, else after settle_s.
 - a rescan every rescan_s lists the inbox: it heals events lost to an inotify queue overflow (watchdog
   only logs those) and takes files that had no usable event by stability.
+A file waiting to settle is looked at once after its last event and again just before it is handed out;
+next_ready() wakes when the first wait ends, so no wait lasts until the rescan.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ class InboxWatcher:
         inbox: Path,
         *,
         poll: bool = False,
-        settle_s: float = 2.0,
+        settle_s: float = 1.0,
         rescan_s: float = 30.0,
         poll_interval_s: float = 1.0,
         ignore: Callable[[str], bool] = is_temp_name,
@@ -73,13 +79,12 @@ class InboxWatcher:
         self._out: set[str] = set()  # handed out, done() not yet called
         self._again: set[str] = set()  # became ready again while handed out
         self._next_rescan = 0.0
-        self._next_recheck = 0.0
 
     # Lifecycle.
 
     def start(self) -> None:
         if self._poll:
-            observer: BaseObserver = PollingObserver(timeout=self._poll_interval_s)
+            observer: BaseObserver = PollingObserver(timeout=self._poll_interval_s)  # how often it lists the inbox
         else:
             # Full events: a move in from outside arrives as FileMovedEvent("", dest) instead of a
             # FileCreatedEvent that would look like a new file still being written.
@@ -92,7 +97,6 @@ class InboxWatcher:
         self._drain(now)
         self._scan(now, startup=True)
         self._next_rescan = now + self._rescan_s
-        self._next_recheck = now + self._poll_interval_s
 
     def stop(self) -> None:
         if self._observer is not None:
@@ -121,9 +125,8 @@ class InboxWatcher:
             if now >= self._next_rescan:
                 self._scan(now, startup=False)
                 self._next_rescan = now + self._rescan_s
-            if self._poll and now >= self._next_recheck:
-                self._recheck(now)
-                self._next_recheck = now + self._poll_interval_s
+            for name in self._tracker.looks_due():  # the first look after an event starts its quiet period
+                self._look(name, now)
             for name in self._tracker.ready(now):
                 if name in self._out:
                     self._again.add(name)
@@ -132,9 +135,9 @@ class InboxWatcher:
             path = self._hand_out(now)
             if path is not None:
                 return path
-            wake = min(deadline, self._next_rescan, self._next_recheck if self._poll else deadline)
             if now >= deadline:
                 return None
+            wake = min(deadline, self._next_rescan, self._tracker.next_ready_at())
             try:
                 event = self._events.get(timeout=max(0.0, wake - now))
             except queue.Empty:
@@ -169,9 +172,10 @@ class InboxWatcher:
                 self._tracker.forget(name)
                 continue
             if stat.S_ISREG(st.st_mode):
-                # Record the state it is taken in, so that done() can tell a later change from none.
+                # The look after its quiet period, which also records the state it is taken in (so that
+                # done() can tell a later change from none).
                 self._tracker.on_seen(name, st.st_size, st.st_mtime_ns, now)
-                if not self._tracker.is_taken(name):  # it changed after it was judged stable
+                if not self._tracker.is_taken(name):  # it changed with no event seen: it waits again
                     continue
             self._out.add(name)
             return path
@@ -221,7 +225,8 @@ class InboxWatcher:
             else:
                 self._tracker.on_written(src, now)
         elif kind == "attrib" and not event.is_directory:
-            self._look(src, now)  # chmod/utime (cp -p sets times after close): a change, not a writer
+            self._tracker.on_attrib(src, now)  # chmod/utime (cp -p sets times after close): a change, not a writer
+            self._look(src, now)
         # opened / closed_no_write (readers, our own pipeline) and directory modifications: nothing to do.
 
     def _arrived(self, name: str, now: float, *, renamed: bool) -> None:
@@ -231,11 +236,11 @@ class InboxWatcher:
         except FileNotFoundError:
             return  # already gone again; its own event follows
         if not stat.S_ISREG(st.st_mode):
-            self._tracker.on_closed(name, now)  # directories, symlinks: nothing to wait for, the pipeline decides
+            self._tracker.on_complete(name, now)  # directories, symlinks: nothing to wait for, the pipeline decides
+        elif renamed:
+            self._tracker.on_complete(name, now)  # a rename is atomic: the content is complete
         elif self._poll:
             self._tracker.on_seen(name, st.st_size, st.st_mtime_ns, now)
-        elif renamed:
-            self._tracker.on_closed(name, now)  # a rename is atomic: the content is complete
         elif st.st_nlink > 1:
             # A hard link: IN_CREATE only, no writer of ours will close it. Take it by stability.
             self._tracker.on_seen(name, st.st_size, st.st_mtime_ns, now)
@@ -250,11 +255,8 @@ class InboxWatcher:
             return
         if stat.S_ISREG(st.st_mode):
             self._tracker.on_seen(name, st.st_size, st.st_mtime_ns, now)
-
-    def _recheck(self, now: float) -> None:
-        """Poll mode: look again at the files waiting to settle (cheaper than a full listing)."""
-        for name in self._tracker.pending():
-            self._look(name, now)
+        elif not self._tracker.is_taken(name):
+            self._tracker.on_complete(name, now)  # now a directory or symlink: nothing to wait for
 
     def _scan(self, now: float, *, startup: bool) -> None:
         """List the inbox and feed what is there; forget what is gone."""
@@ -273,7 +275,7 @@ class InboxWatcher:
                     present.add(name)
                     if not stat.S_ISREG(st.st_mode):
                         if name not in self._tracker:
-                            self._tracker.on_closed(name, now)
+                            self._tracker.on_complete(name, now)
                         continue
                     # At startup a file untouched for settle_s, with no event seen, is complete.
                     settled = startup and wall - st.st_mtime_ns / 1e9 >= self._settle_s

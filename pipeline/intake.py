@@ -6,6 +6,7 @@ Pure: no clocks, no file system. The caller passes in what it saw (events, stat 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # Names that writers use while a file is incomplete (browsers, curl/wget, editors, rsync, Office).
@@ -30,22 +31,31 @@ def is_temp_name(name: str) -> bool:
     )
 
 
-@dataclass
+@dataclass(slots=True)  # one per inbox file, kept while the file is there: slots keep it small
 class _Entry:
-    sig: tuple[int, int] | None = None  # (size, mtime_ns) at the last look; None: unknown since the last event
-    since: float = 0.0  # when `sig` was first seen
-    last_look: float = 0.0  # when `sig` was last seen
+    sig: tuple[int, int] | None = None  # (size, mtime_ns) at the last look; None: no look since the last event
+    since: float = 0.0  # when `sig` was first seen: the start of the quiet period
     inflight: bool = False  # a write event was seen and no close yet
-    closed: bool = False  # closed after write and not yet returned
+    complete: bool = False  # known complete (renamed in, not a regular file): ready at once
     taken: bool = False  # returned by ready(); not again until it changes
 
 
 class ReadinessTracker:
     """Decides when each inbox file is ready to be taken.
 
-    Ready when (1) closed by its writer, or (2) stable: the same (size, mtime_ns) at two looks at least
-    `settle_s` apart. A file with a write event and no close is in flight: it needs `inflight_timeout_s`
-    without change instead, since a writer may keep a file open and idle for a long time.
+    A file is ready once it has been quiet for `settle_s`: no event (written, closed, attrib) and the same
+    (size, mtime_ns) from a look after its last event until a look after the quiet period. Every event starts
+    the wait again, so a writer that closes and reopens the file (an append in two steps: scanners, SMB and
+    FTP servers, `cat a >> f`) is not taken between its two writes. A file with a write event and no close is
+    in flight: it needs `inflight_timeout_s` instead, since a writer may keep a file open and idle for long.
+
+    A file renamed or moved into the inbox is complete at once: a rename is atomic, and writing under a
+    temporary name and renaming it in is the recommended way to drop a file.
+
+    Time only comes in as `now`. The caller's part:
+    - look (stat, on_seen) at every name in looks_due(): the first look after an event starts the quiet period;
+    - call ready(now) at or after next_ready_at(), and look at each name it returns before taking it: a
+      different size or mtime puts it back to wait (is_taken() turns False).
 
     A returned name is remembered (with its last size and mtime) until forget(): it is returned again
     only after a new event or a look that shows a different size or mtime.
@@ -55,7 +65,7 @@ class ReadinessTracker:
         self.settle_s = settle_s
         self.inflight_timeout_s = inflight_timeout_s
         self._entries: dict[str, _Entry] = {}
-        self._open: dict[str, None] = {}  # names not taken (insertion-ordered set): ready() only looks at these
+        self._open: dict[str, None] = {}  # names not taken (insertion-ordered set): only these are looked at
 
     def _entry(self, name: str) -> _Entry:
         entry = self._entries.get(name)
@@ -71,13 +81,26 @@ class ReadinessTracker:
     def on_written(self, name: str, now: float) -> None:
         """A created/modified event: in flight, and what we looked at before no longer counts."""
         entry = self._entry(name)
-        entry.inflight, entry.closed, entry.sig = True, False, None
+        entry.inflight, entry.complete, entry.sig = True, False, None
         self._reopen(name, entry)
 
     def on_closed(self, name: str, now: float) -> None:
-        """Closed after write (or otherwise known complete, e.g. renamed in): ready at once."""
+        """Closed after write: no longer in flight; ready once quiet for settle_s from the next look."""
         entry = self._entry(name)
-        entry.inflight, entry.closed, entry.sig = False, True, None
+        entry.inflight, entry.complete, entry.sig = False, False, None
+        self._reopen(name, entry)
+
+    def on_attrib(self, name: str, now: float) -> None:
+        """A chmod/utime event (`cp -p` sets times after its close): the wait starts again at the next look.
+        A taken file is only offered again if that look shows a different size or mtime."""
+        entry = self._entry(name)
+        if not entry.taken and not entry.complete:  # a renamed-in file stays complete: its content is there
+            entry.sig = None
+
+    def on_complete(self, name: str, now: float) -> None:
+        """Known complete (renamed or moved in; not a regular file): ready at once."""
+        entry = self._entry(name)
+        entry.inflight, entry.complete, entry.sig = False, True, None
         self._reopen(name, entry)
 
     def on_seen(self, name: str, size: int, mtime_ns: int, now: float, *, settled: bool = False) -> None:
@@ -86,13 +109,12 @@ class ReadinessTracker:
         entry = self._entry(name)
         sig = (size, mtime_ns)
         if entry.sig == sig:
-            entry.last_look = now
             return
         if entry.taken and entry.sig is None:
-            # First look after it was returned on close: this is the state it was taken in.
-            entry.sig, entry.since, entry.last_look = sig, now, now
+            # First look after it was returned as complete: this is the state it was taken in.
+            entry.sig, entry.since = sig, now
             return
-        entry.sig, entry.last_look = sig, now
+        entry.sig = sig
         entry.since = now - self.settle_s if settled and not entry.inflight else now
         if entry.taken:  # changed after it was taken: a candidate again
             self._reopen(name, entry)
@@ -103,22 +125,34 @@ class ReadinessTracker:
         self._open.pop(name, None)
 
     def ready(self, now: float) -> list[str]:
-        """Names ready now, each returned once (until it changes). `now` is part of the interface; readiness
-        only changes with what the caller reports, and stability is measured between looks."""
+        """Names ready at `now`, each returned once (until it changes): complete ones, and those quiet for
+        their whole wait by `now`. The caller's look before taking one confirms it (see the class doc)."""
         out = []
         for name in list(self._open):
             entry = self._entries[name]
-            if entry.closed or self._stable(entry):
-                entry.taken, entry.closed, entry.inflight = True, False, False
+            if entry.complete or self._ready_at(entry) <= now:
+                entry.taken, entry.complete, entry.inflight = True, False, False
                 del self._open[name]
                 out.append(name)
         return out
 
-    def _stable(self, entry: _Entry) -> bool:
+    def looks_due(self) -> list[str]:
+        """Names with no look since their last event: look at them now, to start their quiet period."""
+        return [name for name in self._open if self._unlooked(self._entries[name])]
+
+    def next_ready_at(self) -> float:
+        """The earliest `now` at which ready() can return a name that waits (math.inf: none waits)."""
+        return min((self._ready_at(self._entries[name]) for name in self._open), default=math.inf)
+
+    @staticmethod
+    def _unlooked(entry: _Entry) -> bool:
+        return entry.sig is None and not entry.complete
+
+    def _ready_at(self, entry: _Entry) -> float:
         if entry.sig is None:
-            return False
-        needed = self.inflight_timeout_s if entry.inflight else self.settle_s
-        return entry.last_look - entry.since >= needed - _EPS
+            return math.inf  # no look since the last event: its quiet period has not started
+        wait = self.inflight_timeout_s if entry.inflight else self.settle_s
+        return entry.since + wait - _EPS
 
     # Queries the adapter needs.
 
@@ -128,10 +162,6 @@ class ReadinessTracker:
     def names(self) -> list[str]:
         """Every name known (seen and not forgotten)."""
         return list(self._entries)
-
-    def pending(self) -> list[str]:
-        """Names waiting for another look to become ready (not taken, not closed)."""
-        return [name for name in self._open if not self._entries[name].closed]
 
     def is_taken(self, name: str) -> bool:
         """Returned by ready() and unchanged since."""

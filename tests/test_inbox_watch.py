@@ -8,8 +8,10 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import pytest
 
+from conftest import lr_image
 from handler.inbox_watch import InboxWatcher
 
 pytestmark = pytest.mark.timeout(60)
@@ -146,7 +148,7 @@ def test_temp_and_junk_names_are_never_returned(watch, inbox):
 
 
 def test_name_with_space_unicode_and_newline(watch, inbox):
-    w = watch(settle_s=LONG, rescan_s=LONG)
+    w = watch(settle_s=0.2, rescan_s=LONG)
     name = "a b é\n漢字.jpg"
     (inbox / name).write_bytes(b"n")
     path = w.next_ready(10.0)
@@ -221,7 +223,7 @@ def test_done_file_comes_back_only_when_changed(watch, inbox, outside):
 
 
 def test_rewritten_while_handed_out_comes_again_after_done(watch, inbox):
-    w = watch(settle_s=LONG, rescan_s=LONG)
+    w = watch(settle_s=0.2, rescan_s=LONG)
     target = inbox / "busy.jpg"
     target.write_bytes(b"1")
     path = w.next_ready(10.0)
@@ -239,3 +241,68 @@ def test_stop_returns_promptly(inbox):
         started = time.monotonic()
         w.stop()
         assert time.monotonic() - started < 2.0
+
+
+# Slow writers and start-up: a close is not the end of a file until it has been quiet for settle_s.
+
+
+def real_png() -> bytes:
+    ok, png = cv2.imencode(".png", lr_image("baby"))
+    assert ok
+    return png.tobytes()
+
+
+def test_file_closed_and_reopened_for_append_is_taken_once_and_whole(watch, inbox):
+    # Scanners, SMB and FTP servers, `cat a >> f`: a close, a pause, then more data.
+    settle = 1.0
+    w = watch(settle_s=settle, rescan_s=LONG)
+    data = real_png()
+    second_close = 0.0
+
+    def writer():
+        nonlocal second_close
+        with open(inbox / "scan.png", "wb") as f:
+            f.write(data[: len(data) // 2])
+        time.sleep(0.3)
+        with open(inbox / "scan.png", "ab") as f:
+            f.write(data[len(data) // 2 :])
+        second_close = time.monotonic()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        path = w.next_ready(10.0)
+        returned = time.monotonic()
+        content = path.read_bytes() if path is not None else None
+    finally:
+        thread.join()
+    assert path == inbox / "scan.png"
+    assert second_close > 0.0, "handed out before the second close"
+    assert returned - second_close >= settle - 0.05  # quiet for settle_s after the last close
+    assert content == data
+    w.done(path)
+    assert drain(w, settle + 0.5) == []  # exactly once
+
+
+def test_old_files_present_at_start_are_taken_at_once(watch, inbox):
+    data = real_png()
+    names = {f"old{i:02d}.png" for i in range(20)}
+    for name in names:
+        (inbox / name).write_bytes(data)
+        os.utime(inbox / name, (time.time() - 3600,) * 2)
+    started = time.monotonic()
+    w = watch(settle_s=1.0, rescan_s=LONG)
+    got = collect(w, names, timeout_s=5.0)  # ~1 s; generous for a loaded machine, far below the rescan
+    assert sorted(got) == sorted(names)
+    assert time.monotonic() - started < 5.0
+
+
+def test_fresh_file_present_at_start_is_taken_after_settle_not_rescan(watch, inbox):
+    settle = 1.0
+    (inbox / "fresh.png").write_bytes(real_png())  # mtime now: it may still be written to
+    written = time.monotonic()
+    w = watch(settle_s=settle, rescan_s=LONG)
+    assert w.next_ready(0.0) is None
+    path = w.next_ready(5.0)  # the first rescan is 30 s away
+    assert path == inbox / "fresh.png"
+    assert time.monotonic() - written >= settle - 0.05
