@@ -1,53 +1,99 @@
-"""Local folders as inbox, outbox and failed place: reads with a size limit, atomic publishes, failure records."""
+"""Local folders as inbox, outbox and failed place: reads that never follow a symlink nor leave the inbox, atomic
+publishes, failure records that never overwrite each other."""
 
 import errno
+import hashlib
+import itertools
 import json
 import os
 import shutil
 import stat
 from pathlib import Path
 
-from pipeline.errors import InputRejected, TransientError
+from pipeline.errors import InputRejected, SuperresError, TransientError
+
+# O_NOFOLLOW: a symlink is refused, never read through; O_NONBLOCK: a FIFO must not hang us
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+RECORD_SUFFIX = ".error.json"
+# what put_failure may add to a name: " (n)" to make it unique, then ".error.json"
+FAILURE_ROOM = len(" (99999)") + len(RECORD_SUFFIX)
+_temp_numbers = itertools.count(1)  # temp names unique across the threads of one process
+
+
+def _open_error(exc: OSError) -> SuperresError:
+    if exc.errno == errno.ELOOP:
+        return InputRejected("this is a symlink (or a folder on its way is one): symlinks are never followed, so "
+                             "it is refused and left where it is", stage="read", code="symlink")
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return InputRejected("the file disappeared before it could be read", stage="read", code="vanished")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return InputRejected("the file is not readable (permission denied)", stage="read", code="unreadable")
+    if exc.errno == errno.ENXIO:  # a socket
+        return InputRejected("this is not a regular file (device, FIFO or socket)", stage="read", code="not_a_file")
+    return TransientError(f"cannot open the file: {exc.strerror}", stage="read")
+
+
+def _open_below(root: Path, path: Path) -> int:
+    """Open `path` one name at a time from a descriptor of `root`, following no symlink on the way: a folder
+    swapped for a link after it was listed cannot lead outside `root`. `root` itself is the configured folder
+    and may be a link."""
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        parts = ("..",)
+    if not parts or ".." in parts:
+        raise InputRejected(f"{path} is not inside {root}; refused", stage="read", code="outside")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            try:
+                below = os.open(part, DIR_FLAGS, dir_fd=fd)
+            except NotADirectoryError:  # O_DIRECTORY answers this for a symlink too: tell the two apart
+                if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise OSError(errno.ELOOP, "a symlinked folder") from None
+                raise
+            os.close(fd)
+            fd = below
+        return os.open(parts[-1], READ_FLAGS, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 def read_limited(path: Path, max_bytes: int, *, root: Path | None = None) -> tuple[bytes, os.stat_result]:
-    """Read a whole regular file of at most max_bytes. Bad entries raise InputRejected naming the problem."""
+    """Read a whole regular file of at most max_bytes from one descriptor. Bad entries raise InputRejected naming
+    the problem; a file that changes while it is read raises TransientError (read it again later)."""
     try:
-        link = path.lstat()
-    except FileNotFoundError:
-        raise InputRejected("the file disappeared before it could be read", stage="read", code="vanished") from None
-    if stat.S_ISLNK(link.st_mode) and root is not None:
-        target = path.resolve()
-        if not target.is_relative_to(root.resolve()):
-            raise InputRejected(f"the symlink points outside the inbox (to {target}); refused",
-                                stage="read", code="symlink_outside")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO must not hang us
-    except FileNotFoundError:
-        raise InputRejected("the file disappeared (or is a broken symlink) before it could be read",
-                            stage="read", code="vanished") from None
-    except PermissionError:
-        raise InputRejected("the file is not readable (permission denied)", stage="read", code="unreadable") from None
+        fd = _open_below(root, path) if root is not None else os.open(path, READ_FLAGS)
     except OSError as exc:
-        raise TransientError(f"cannot open the file: {exc.strerror}", stage="read") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
+        raise _open_error(exc) from None
+    try:
+        st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
             raise InputRejected("this is a directory, not an image file", stage="read", code="is_directory")
-        raise InputRejected("this is not a regular file (device, FIFO or socket)", stage="read", code="not_a_file")
-    if st.st_size > max_bytes:
+        if not stat.S_ISREG(st.st_mode):
+            raise InputRejected("this is not a regular file (device, FIFO or socket)", stage="read", code="not_a_file")
+        if st.st_size > max_bytes:
+            raise InputRejected(f"the file is {st.st_size} bytes, more than the limit of {max_bytes} bytes",
+                                stage="read", code="too_many_bytes")
+        # what the file holds, +1 to see it grow: never max_bytes up front
+        data = os.read(fd, st.st_size + 1)
+        while 0 < len(data) <= st.st_size:  # a short read (rare on a regular file): read on to the end
+            more = os.read(fd, st.st_size + 1 - len(data))
+            if not more:
+                break
+            data += more
+        after = os.fstat(fd)
+    except OSError as exc:
+        raise TransientError(f"reading the file failed: {exc.strerror}", stage="read") from None
+    finally:
         os.close(fd)
-        raise InputRejected(f"the file is {st.st_size} bytes, more than the limit of {max_bytes} bytes",
-                            stage="read", code="too_many_bytes")
-    with os.fdopen(fd, "rb") as f:
-        try:
-            data = f.read(max_bytes + 1)
-        except OSError as exc:
-            raise TransientError(f"reading the file failed: {exc.strerror}", stage="read") from None
-    if len(data) > max_bytes:
-        raise InputRejected(f"the file grew past the limit of {max_bytes} bytes while being read",
-                            stage="read", code="too_many_bytes")
+    if len(data) != st.st_size or (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        if max(len(data), after.st_size) > max_bytes:
+            raise InputRejected(f"the file grew past the limit of {max_bytes} bytes while being read",
+                                stage="read", code="too_many_bytes")
+        raise TransientError("the file changed while it was read (still being written?); it is read again later",
+                             stage="read", code="changed")
     return data, st
 
 
@@ -61,8 +107,8 @@ def fsync_dir(path: Path) -> None:
 
 def write_temp(data: bytes, temp: Path) -> None:
     """Write and fsync a temporary file (in the destination's filesystem, so the rename is atomic)."""
-    temp.parent.mkdir(parents=True, exist_ok=True)
     try:
+        temp.parent.mkdir(parents=True, exist_ok=True)
         with open(temp, "wb") as f:
             f.write(data)
             f.flush()
@@ -79,11 +125,6 @@ def commit_temp(temp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def publish_bytes(data: bytes, final: Path, temp: Path) -> None:
-    write_temp(data, temp)
-    commit_temp(temp, final)
-
-
 def copy_file_atomic(src: Path, final: Path, temp: Path) -> None:
     temp.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, temp)
@@ -94,59 +135,71 @@ def copy_file_atomic(src: Path, final: Path, temp: Path) -> None:
 
 def unique_path(path: Path) -> Path:
     """`path`, or `name (2).ext`, ... if something is already there."""
-    if not os.path.lexists(path):
-        return path
-    n = 2
-    while True:
-        candidate = path.with_name(f"{path.stem} ({n}){path.suffix}")
-        if not os.path.lexists(candidate):
-            return candidate
-        n += 1
+    return next(p for p in candidates(path) if not os.path.lexists(p))
 
 
-def write_failure(record: dict, input_path: Path, failed_path: Path, *, move_input: bool, tmp_dir: Path) -> None:
-    """Set a failed input aside: `NAME.error.json` first (atomic), then the input itself, moved or copied untouched.
+def candidates(path: Path):
+    """`path`, then `name (2).ext`, `name (3).ext`, ..."""
+    yield path
+    for n in itertools.count(2):
+        yield path.with_name(f"{path.stem} ({n}){path.suffix}")
 
-    Written in that order so a crash in between leaves the input where it was, to be failed again on restart.
-    """
-    failed_path.parent.mkdir(parents=True, exist_ok=True)
-    reason = failed_path.with_name(failed_path.name + ".error.json")
+
+def byte_len(name: str) -> int:
+    return len(os.fsencode(name))
+
+
+def shortened(name: str, limit: int, full: str) -> str:
+    """The start of `name`, "~" and 8 hex digits of the sha256 of `full` (so two long names stay apart), then
+    name's suffix: at most `limit` bytes."""
+    tag = "~" + hashlib.sha256(os.fsencode(full)).hexdigest()[:8]
+    stem, suffix = os.path.splitext(name)
+    if byte_len(suffix) > 16:  # not an extension, just a dot in a long name
+        stem, suffix = name, ""
+    room = limit - len(tag) - byte_len(suffix)
+    start = stem[:room]
+    while byte_len(start) > room:  # whole characters only
+        start = start[:-1]
+    return start + tag + suffix
+
+
+def link_new(temp: Path, final: Path) -> bool:
+    """Give the finished `temp` the name `final` only if that name is free (a hard link never replaces
+    anything): False if it is taken. Where the file system has no hard links: a copy renamed in after a check."""
     try:
-        link = input_path.lstat()
-    except OSError:
-        link = None
-    if link is None:
-        record = {**record, "input_kept": False, "note": "the input no longer exists; only this record remains"}
-    publish_bytes(json.dumps(record, indent=2, ensure_ascii=False).encode() + b"\n", reason,
-                  tmp_dir / f"failure-json.{os.getpid()}.tmp")
-    if link is None:
-        return
-    try:
-        if move_input:
-            shutil.move(input_path, failed_path)  # a rename on one filesystem; keeps symlinks as links
-            fsync_dir(failed_path.parent)
-        elif stat.S_ISREG(link.st_mode):
-            copy_file_atomic(input_path, failed_path, tmp_dir / f"failure-copy.{os.getpid()}.tmp")
-        # keep mode and a symlink or directory: it stays where it is; the record says why it was not taken
+        os.link(temp, final, follow_symlinks=False)
+        return True
+    except FileExistsError:
+        return False
     except OSError as exc:
-        # e.g. unreadable (chmod 000): the record stands, the input stays where it was
-        record = {**record, "input_kept": False, "note": f"could not set the input aside: {exc.strerror}"}
-        publish_bytes(json.dumps(record, indent=2, ensure_ascii=False).encode() + b"\n", reason,
-                      tmp_dir / f"failure-json.{os.getpid()}.tmp")
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            raise
+    if os.path.lexists(final):
+        return False
+    spare = temp.with_name("spare-" + temp.name)
+    shutil.copyfile(temp, spare)
+    os.replace(spare, final)
+    return True
 
 
 # -- the pipeline's view of local folders ----------------------------------------------------------------------
 
 
 class LocalFile:
-    """An input file. `rel` is its name relative to the folder it came from: outputs keep that tree."""
+    """An input file. `rel` is its name relative to the folder it came from: outputs keep that tree.
+
+    A symlink is never followed, in every mode: read() refuses it (code "symlink") and dispose() leaves it
+    where it is. That holds for files named on the command line too (name the target instead). With `root` (an
+    inbox, a walked folder, a glob's fixed folder) the file is opened below a descriptor of `root`, one name at a
+    time, so no symlinked folder on the way leads outside it either."""
 
     def __init__(self, path: Path, rel: str, root: Path | None = None, *, processed: Path | None = None):
-        self.path = path
+        self.path = Path(path)
         self.rel = rel
-        self.root = root  # symlinks must stay inside this folder
+        self.root = root
         self.processed = processed  # where `disposition=move` puts it
-        self.id = str(path)
+        self.id = os.path.abspath(path)
+        self.read_as: tuple[int, int, int, int] | None = None  # (dev, ino, size, mtime_ns) of the bytes read
 
     def __repr__(self) -> str:
         return f"LocalFile({str(self.path)!r})"
@@ -160,22 +213,55 @@ class LocalFile:
 
     def read(self, max_bytes: int) -> tuple[bytes, str]:
         data, st = read_limited(self.path, max_bytes, root=self.root)
+        self.read_as = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         return data, f"{st.st_size}:{st.st_mtime_ns}"
 
     def metadata(self, sha256: str, model: str) -> dict[str, str]:
         return {}
 
+    def _still_as_read(self) -> bool:
+        try:
+            st = self.path.lstat()
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == self.read_as
+
     def dispose(self, disposition: str) -> None:
-        if disposition == "keep" or not os.path.lexists(self.path):
+        """keep: nothing. delete / move: only the very file that was read (same device, inode, size and mtime
+        now): a newer version, or a symlink swapped in, is left alone; nothing is done to a file never read."""
+        if disposition == "keep" or self.read_as is None or not self._still_as_read():
             return
-        if disposition == "delete":
+        try:
+            if disposition == "delete":
+                self.path.unlink(missing_ok=True)
+            elif disposition == "move" and self.processed is not None:
+                target = unique_path(self.processed / self.rel)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self._move(target)
+        except OSError as exc:
+            raise TransientError(f"could not {disposition} {self.path}: {exc.strerror}", stage="dispose") from None
+
+    def _move(self, target: Path) -> None:
+        try:
+            os.rename(self.path, target)  # moves the entry itself: never through a symlink
+            return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+        # another file system: copy what the descriptor holds (still the file read), then remove the original
+        fd = os.open(self.path, READ_FLAGS)
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self.read_as:
+                return
+            temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            with open(temp, "wb") as out:
+                shutil.copyfileobj(f, out)
+                out.flush()
+                os.fsync(out.fileno())
+        os.replace(temp, target)
+        if self._still_as_read():
             self.path.unlink()
-            return
-        if self.processed is None:
-            return
-        target = unique_path(self.processed / self.rel)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(self.path, target)
 
 
 class Staged:
@@ -186,14 +272,44 @@ class Staged:
 
 class LocalPlace:
     """A local folder to publish into (outbox) or set failures aside in. Temporary files live in
-    `ROOT/.superres/tmp`, on the same filesystem, named `<tag>.<pid>.tmp` so leftovers can be told apart."""
+    `ROOT/.superres/tmp`, on the same filesystem, named `<tag>.<pid>.tmp` so leftovers can be told apart.
+    Folders are made on the first write: a place never written to leaves nothing behind."""
 
     def __init__(self, root: Path):
-        self.root = root
-        self.tmp_dir = root / ".superres" / "tmp"
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root)
+        self.tmp_dir = self.root / ".superres" / "tmp"
+        self._limits: tuple[int, int] | None = None
+
+    def name_limits(self) -> tuple[int, int]:
+        """(NAME_MAX, PATH_MAX) of the file system the place is on (or will be on, once made)."""
+        if self._limits is None:
+            probe = self.root.absolute()
+            while not probe.exists() and probe != probe.parent:
+                probe = probe.parent
+            try:
+                self._limits = (os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX"))
+            except (OSError, ValueError):
+                self._limits = (255, 4096)
+        return self._limits
+
+    def _too_long(self, rel: str, room: int = 0) -> str | None:
+        """Why `rel` (plus `room` bytes on its last name) cannot be a file name here, or None."""
+        name_max, path_max = self.name_limits()
+        segments = rel.split("/")
+        for i, segment in enumerate(segments):
+            size = byte_len(segment) + (room if i == len(segments) - 1 else 0)
+            if size > name_max:
+                return f"a name in it is {size} bytes; this file system allows {name_max} bytes a name"
+        size = byte_len(os.path.abspath(self.root / rel)) + room
+        if size >= path_max:
+            return f"its path would be {size} bytes; this file system allows {path_max - 1}"
+        return None
 
     def url(self, rel: str) -> str:
+        problem = self._too_long(rel)
+        if problem:
+            raise InputRejected(f"the output name cannot be a file name in {self.root}: {problem}",
+                                stage="publish", code="name_too_long")
         return str(self.root / rel)
 
     def name(self, url: str) -> str:
@@ -201,6 +317,15 @@ class LocalPlace:
 
     def exists(self, url: str) -> bool:
         return os.path.lexists(url)
+
+    def etag(self, url: str) -> str | None:
+        """The output's identity (inode, size, mtime), recorded at publish and checked before "already done"
+        (used by the Processor): a file deleted or replaced since has another one, or none."""
+        try:
+            st = os.lstat(url)
+        except OSError:
+            return None
+        return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}" if stat.S_ISREG(st.st_mode) else None
 
     def _temp(self, tag: str) -> Path:
         return self.tmp_dir / f"{tag}.{os.getpid()}.tmp"
@@ -227,14 +352,66 @@ class LocalPlace:
         copy_file_atomic(Path(from_url), final, self._temp("copy"))
         return str(final)
 
-    def put_failure(self, rel: str, record: dict, src, *, move: bool) -> str:
-        target = unique_path(self.root / rel)  # an earlier failure of the same name stays
-        write_failure(record, src.path, target, move_input=move, tmp_dir=self.tmp_dir)
-        return str(target)
+    def failure_rel(self, rel: str) -> str:
+        """`rel`, shortened where a name (with room for " (n)" and ".error.json") or the whole path is too long."""
+        name_max, _ = self.name_limits()
+        segments = [s if byte_len(s) <= name_max else shortened(s, name_max, s) for s in rel.split("/")]
+        last = segments[-1]
+        if byte_len(last) + FAILURE_ROOM > name_max:
+            segments[-1] = shortened(last, name_max - FAILURE_ROOM, last)
+        fitted = "/".join(segments)
+        if self._too_long(fitted, FAILURE_ROOM):  # too deep: one name, directly in the failed folder
+            fitted = shortened(segments[-1], min(name_max - FAILURE_ROOM, byte_len(segments[-1]) + 9), rel)
+        return fitted
+
+    def put_failure(self, rel: str, record: dict, data: bytes | None) -> str:
+        """`WHERE.error.json` with the record and, when `data` is given, `WHERE` with exactly those bytes, each
+        written whole. WHERE is new: neither it nor its record existed, so no earlier failure is overwritten."""
+        body = json.dumps({**record, "input_kept": data is not None}, indent=2, ensure_ascii=False).encode() + b"\n"
+        number = next(_temp_numbers)
+        record_temp, data_temp = self._temp(f"failure-record-{number}"), self._temp(f"failure-data-{number}")
+        try:
+            write_temp(body, record_temp)
+            if data is not None:
+                write_temp(data, data_temp)
+            for target in candidates(self.root / self.failure_rel(rel)):
+                reason = target.with_name(target.name + RECORD_SUFFIX)
+                if os.path.lexists(target) or os.path.lexists(reason):
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not link_new(record_temp, reason):
+                    continue
+                if data is not None and not link_new(data_temp, target):
+                    os.unlink(reason)  # the name was taken in between: try the next one
+                    continue
+                fsync_dir(target.parent)
+                return str(target)
+        except OSError as exc:
+            raise TransientError(f"setting the failure aside in {self.root} failed: {exc.strerror}",
+                                 stage="failed") from None
+        finally:
+            record_temp.unlink(missing_ok=True)
+            data_temp.unlink(missing_ok=True)
+
+    def remove_failure(self, where: str) -> None:
+        """Remove WHERE and WHERE.error.json (missing is fine); nothing outside this place is touched."""
+        if not Path(os.path.abspath(where)).is_relative_to(os.path.abspath(self.root)):
+            return
+        for path in (where, where + RECORD_SUFFIX):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise TransientError(f"could not remove {path}: {exc.strerror}", stage="failed") from None
 
     def remove_orphans(self, alive) -> None:
         """Drop temporary files whose writer process is gone."""
-        for temp in self.tmp_dir.iterdir():
+        try:
+            temps = list(self.tmp_dir.iterdir())
+        except FileNotFoundError:  # nothing was ever written here
+            return
+        for temp in temps:
             parts = temp.name.split(".")
             pid = parts[-2] if len(parts) >= 3 and parts[-1] == "tmp" else ""
             if pid.isdigit() and not alive(int(pid)):

@@ -200,10 +200,16 @@ class S3Objects:
             raise TransientError(f"copying s3://{src_bucket}/{src_key} failed: {_describe(exc)}",
                                  stage="publish") from None
 
-    def delete(self, bucket: str, key: str) -> None:
-        """Delete an object; one already gone is fine (S3 answers 204 either way)."""
+    def delete(self, bucket: str, key: str, if_match: str | None = None) -> None:
+        """Delete an object; one already gone is fine (S3 answers 204 either way). With `if_match` (an ETag), only
+        that version: a newer object under the key is left alone."""
+        extra = {"IfMatch": f'"{if_match}"'} if if_match else {}
         try:
-            self.client.delete_object(Bucket=bucket, Key=key)
+            self.client.delete_object(Bucket=bucket, Key=key, **extra)
+        except ClientError as exc:
+            if if_match and (_code(exc) in _MISSING or _code(exc) in ("PreconditionFailed", "412")):
+                return
+            raise TransientError(f"deleting s3://{bucket}/{key} failed: {_describe(exc)}", stage="publish") from None
         except _AWS_ERRORS as exc:
             raise TransientError(f"deleting s3://{bucket}/{key} failed: {_describe(exc)}", stage="publish") from None
 

@@ -3,11 +3,13 @@ Built on `S3Objects` (the boto3 calls); keys are made safe by `pipeline.s3keys`.
 
 import json
 from pathlib import PurePosixPath
-from urllib.parse import quote
 
-from pipeline.adapters.local_files import Staged
+from pipeline.adapters.local_files import FAILURE_ROOM, RECORD_SUFFIX, Staged, byte_len, candidates, shortened
 from pipeline.adapters.s3_objects import S3Objects
+from pipeline.errors import InputRejected
 from pipeline.s3keys import join_key, parse_s3_uri, relative_key
+
+KEY_MAX = 1024  # bytes of UTF-8: S3's limit on a key
 
 
 class S3Object:
@@ -22,6 +24,7 @@ class S3Object:
         self.id = f"s3://{bucket}/{key}"
         self._size, self._etag = size, etag
         self.processed = processed  # (bucket, prefix) for disposition=move
+        self.read_etag: str | None = None  # the version whose bytes were read: the only one dispose() may touch
 
     def __repr__(self) -> str:
         return f"S3Object({self.id!r})"
@@ -32,18 +35,24 @@ class S3Object:
     def read(self, max_bytes: int) -> tuple[bytes, str]:
         data, info = self.objects.read(self.bucket, self.key, max_bytes)
         self._size, self._etag = info.size, info.etag
+        self.read_etag = info.etag
         return data, f"{info.size}:{info.etag}"
 
     def metadata(self, sha256: str, model: str) -> dict[str, str]:
         return {"source-bucket": self.bucket, "source-key": self.key, "source-sha256": sha256, "model": model}
 
     def dispose(self, disposition: str) -> None:
-        if disposition == "keep":
+        """keep: nothing. delete / move: only while the object is still the version read (the delete is
+        conditional on its ETag): a newer upload under the key is left alone; nothing is done to one never read."""
+        if disposition == "keep" or self.read_etag is None:
             return
         if disposition == "move" and self.processed is not None:
+            now = self.objects.head(self.bucket, self.key)
+            if now is None or now["ETag"] != self.read_etag:
+                return
             bucket, prefix = self.processed
             self.objects.copy(self.bucket, self.key, bucket, join_key(prefix, self.rel))
-        self.objects.delete(self.bucket, self.key)
+        self.objects.delete(self.bucket, self.key, if_match=self.read_etag)
 
 
 class S3Place:
@@ -55,7 +64,11 @@ class S3Place:
         self.prefix = prefix
 
     def url(self, rel: str) -> str:
-        return f"s3://{self.bucket}/{join_key(self.prefix, rel)}"
+        key = join_key(self.prefix, rel)
+        if byte_len(key) > KEY_MAX:
+            raise InputRejected(f"the output key would be {byte_len(key)} bytes; S3 allows {KEY_MAX}",
+                                stage="publish", code="name_too_long")
+        return f"s3://{self.bucket}/{key}"
 
     def name(self, url: str) -> str:
         return PurePosixPath(url).name
@@ -63,6 +76,13 @@ class S3Place:
     def exists(self, url: str) -> bool:
         bucket, key = parse_s3_uri(url)
         return self.objects.head(bucket, key) is not None
+
+    def etag(self, url: str) -> str | None:
+        """The output's identity (its ETag), recorded at publish and checked before "already done" (used by the
+        Processor): an object deleted or replaced since has another one, or none."""
+        bucket, key = parse_s3_uri(url)
+        info = self.objects.head(bucket, key)
+        return info["ETag"] if info is not None else None
 
     def stage(self, data: bytes, tag: str) -> Staged:
         return Staged(None, data)
@@ -80,21 +100,41 @@ class S3Place:
         self.objects.copy(bucket, key, self.bucket, join_key(self.prefix, rel))
         return self.url(rel)
 
-    def put_failure(self, rel: str, record: dict, src, *, move: bool) -> str:
+    def failure_key(self, rel: str) -> str:
+        """The key for a failure of `rel`, its last name shortened if the key (with room for " (n)" and
+        ".error.json") would pass S3's limit."""
         key = join_key(self.prefix, rel)
-        if isinstance(src, S3Object):
-            self.objects.write_failure(record, src.bucket, src.key, self.bucket, key)
-            if move:
-                self.objects.delete(src.bucket, src.key)
-        else:  # a local file failing into an S3 failed place: the record, and the bytes if they can be read
-            self.objects.publish(self.bucket, key + ".error.json", json.dumps(record, indent=2).encode(),
-                                 content_type="application/json", metadata={"source": quote(src.id)})
+        if byte_len(key) + FAILURE_ROOM <= KEY_MAX:
+            return key
+        folder, _, name = key.rpartition("/")
+        room = KEY_MAX - FAILURE_ROOM - byte_len(folder) - 1
+        if room < 64:  # too deep: one name, directly under the prefix
+            folder, room = join_key(self.prefix, "").rstrip("/"), KEY_MAX - FAILURE_ROOM - byte_len(self.prefix) - 1
+        return f"{folder}/{shortened(name, room, rel)}" if folder else shortened(name, room, rel)
+
+    def put_failure(self, rel: str, record: dict, data: bytes | None) -> str:
+        """`WHERE.error.json` with the record and, when `data` is given, `WHERE` with exactly those bytes. WHERE
+        is a key where neither it nor its record existed, so no earlier failure is overwritten."""
+        key = next(str(k) for k in candidates(PurePosixPath(self.failure_key(rel)))
+                   if self.objects.head(self.bucket, str(k)) is None
+                   and self.objects.head(self.bucket, str(k) + RECORD_SUFFIX) is None)
+        body = json.dumps({**record, "input_kept": data is not None}, indent=2, ensure_ascii=False).encode() + b"\n"
+        self.objects.publish(self.bucket, key + RECORD_SUFFIX, body, content_type="application/json", metadata={})
+        if data is not None:
             try:
-                self.objects.publish(self.bucket, key, src.path.read_bytes(), content_type="application/octet-stream",
-                                     metadata={})
-            except OSError:
-                pass
+                self.objects.publish(self.bucket, key, data, content_type="application/octet-stream", metadata={})
+            except Exception:
+                self.objects.delete(self.bucket, key + RECORD_SUFFIX)  # no record that claims bytes it lacks
+                raise
         return f"s3://{self.bucket}/{key}"
+
+    def remove_failure(self, where: str) -> None:
+        """Remove WHERE and WHERE.error.json (missing is fine); nothing outside this prefix is touched."""
+        bucket, key = parse_s3_uri(where)
+        if bucket != self.bucket or not key.startswith(join_key(self.prefix, "")):
+            return
+        self.objects.delete(self.bucket, key)
+        self.objects.delete(self.bucket, key + RECORD_SUFFIX)
 
 
 def s3_inputs(objects: S3Objects, uri: str, *, processed: tuple[str, str] | None = None) -> list[S3Object]:
