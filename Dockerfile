@@ -39,7 +39,7 @@ FROM gpu-base AS gpu
 ARG DEBIAN_FRONTEND=noninteractive
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH TINI_SUBREAPER=1 \
-    SUPERRES_MODEL_DIR=/opt/superres/models
+    SUPERRES_MODEL_DIR=/opt/superres/models SUPERRES_METRICS_HOST=0.0.0.0
 # tini (PID 1, see above), the runtime user, its work folder, and a venv: the same pip on every base.
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -71,7 +71,8 @@ ENV SUPERRES_MODEL=${MODEL}
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/superres-entrypoint
 USER 10001:10001
 WORKDIR /work
-# watch and worker serve /healthz on SUPERRES_METRICS_PORT (default 9100); the other modes have nothing to probe
+# watch and worker serve /healthz on SUPERRES_METRICS_PORT (default 9100), on every interface of the container
+# (SUPERRES_METRICS_HOST above: outside a container the default is loopback); the other modes have nothing to probe
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 CMD ["/usr/local/bin/superres-entrypoint", "healthcheck"]
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/superres-entrypoint"]
 CMD []
@@ -81,7 +82,7 @@ FROM ${PYTHON_IMAGE} AS cpu
 ARG DEBIAN_FRONTEND=noninteractive
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH TINI_SUBREAPER=1 \
-    SUPERRES_MODEL_DIR=/opt/superres/models
+    SUPERRES_MODEL_DIR=/opt/superres/models SUPERRES_METRICS_HOST=0.0.0.0
 # tini (PID 1, see above), the runtime user, its work folder, and a venv: the same pip on every base.
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -113,7 +114,8 @@ ENV SUPERRES_MODEL=${MODEL}
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/superres-entrypoint
 USER 10001:10001
 WORKDIR /work
-# watch and worker serve /healthz on SUPERRES_METRICS_PORT (default 9100); the other modes have nothing to probe
+# watch and worker serve /healthz on SUPERRES_METRICS_PORT (default 9100), on every interface of the container
+# (SUPERRES_METRICS_HOST above: outside a container the default is loopback); the other modes have nothing to probe
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 CMD ["/usr/local/bin/superres-entrypoint", "healthcheck"]
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/superres-entrypoint"]
 CMD []

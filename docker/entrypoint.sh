@@ -27,7 +27,8 @@ case "$1" in
       *) exit 0 ;;  # one-shot and Lambda modes serve no /healthz
     esac
     [ "${SUPERRES_METRICS_PORT:-9100}" != 0 ] || exit 0  # metrics server turned off: nothing to probe
-    exec python -c 'import os, urllib.request as u; u.urlopen("http://127.0.0.1:%s/healthz" % os.environ.get("SUPERRES_METRICS_PORT", "9100"), timeout=4)'
+    # the address the server binds (SUPERRES_METRICS_HOST); "every interface" is reached on loopback
+    exec python -c 'import os, urllib.request as u; h = os.environ.get("SUPERRES_METRICS_HOST") or "127.0.0.1"; h = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(h, h); h = "[%s]" % h if ":" in h else h; u.urlopen("http://%s:%s/healthz" % (h, os.environ.get("SUPERRES_METRICS_PORT", "9100")), timeout=4)'
     ;;
   watch | worker | upscale | info | models)
     exec superres "$@"

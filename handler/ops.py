@@ -7,10 +7,13 @@ Metrics (the names as scraped):
   superres_engine_output_megapixels_per_second      the last upscaled item's output Mpx / its upscale seconds
   superres_items_in_flight                          items being processed now (0 or 1: one processor, one lock)
   superres_engine_info{engine,device,model}         1, the labels say what runs
+  superres_engine_healthy                           1; 0 once the process was told the engine is broken
+                                                    (/healthz then answers 503 with the reason)
 """
 
 import json
 import logging
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -62,6 +65,10 @@ class Ops:
                                "Output megapixels per upscale second of the last upscaled item", registry=r)
         self.in_flight_items = Gauge("superres_items_in_flight", "Items being processed now", registry=r)
         Info("superres_engine", "The engine, device and model in use", registry=r).info(engine)
+        self.engine_healthy = Gauge("superres_engine_healthy", "1 while the engine works, 0 once it failed",
+                                    registry=r)
+        self.engine_healthy.set(1)
+        self._engine_failure: str | None = None
         # /healthz: stale when the loop has not beaten for 2x the longest of its own wait and 60 s. The loop
         # beats every iteration and around each item, so this is also the longest one item may take before
         # the probe says 503: generous for every model but EDSR on a CPU, where a probe wants more slack.
@@ -102,6 +109,13 @@ class Ops:
             self.in_flight_items.dec()
             self._last_item = self.heartbeat()
 
+    def engine_failed(self, reason: str) -> None:
+        """The engine cannot work any more (a lost GPU, a dead runtime): /healthz says 503 from now on, so the
+        orchestrator replaces the process instead of feeding it items that would all fail. It stays failed."""
+        self._engine_failure = reason
+        self.engine_healthy.set(0)
+        log.error("engine failed", extra={"fields": {"reason": reason, **self.engine}})
+
     def heartbeat(self) -> float:
         self._beat = time.monotonic()
         return self._beat
@@ -112,10 +126,13 @@ class Ops:
         # minutes, and a probe that killed the process mid-item would only make it start that item again.
         busy = self._busy > 0
         stale = not busy and now - self._beat > self.stale_after_s
-        doc = {"status": "stalled" if stale else "ok", **self.engine,
+        failed = self._engine_failure is not None
+        doc = {"status": "engine_failed" if failed else "stalled" if stale else "ok", **self.engine,
                "last_item_age_s": None if self._last_item is None else round(now - self._last_item, 1),
                "last_beat_age_s": round(now - self._beat, 1), "in_flight": busy}
-        return (503 if stale else 200), doc
+        if failed:
+            doc["reason"] = self._engine_failure
+        return (503 if stale or failed else 200), doc
 
     def wsgi_app(self):
         metrics = make_wsgi_app(self.registry)
@@ -135,24 +152,32 @@ class Ops:
 
         return app
 
-    def serve(self, port: int) -> WSGIServer | None:
-        """Serve /metrics and /healthz on 0.0.0.0:port from a daemon thread (it never holds up exit).
+    def serve(self, port: int, host: str = "127.0.0.1") -> WSGIServer | None:
+        """Serve /metrics and /healthz on host:port from a daemon thread (it never holds up exit).
+        Loopback by default (SUPERRES_METRICS_HOST): a laptop or a shared host does not show its metrics to
+        the network; containers say 0.0.0.0 so that probes and scrapers from outside reach them.
         Port 0: off. A port already taken (another process here, node_exporter's 9100) costs the metrics,
         not the service: a warning, and the work goes on."""
         if not port:
             return None
         try:
-            server = make_server("0.0.0.0", port, self.wsgi_app(), _Server, handler_class=_Quiet)
+            server = make_server(host, port, self.wsgi_app(), _Server6 if ":" in host else _Server,
+                                 handler_class=_Quiet)
         except OSError as exc:
-            log.warning("metrics server not started", extra={"fields": {"port": port, "error": str(exc)}})
+            log.warning("metrics server not started",
+                        extra={"fields": {"host": host, "port": port, "error": str(exc)}})
             return None
         threading.Thread(target=server.serve_forever, name="superres-metrics", daemon=True).start()
-        log.info("serving metrics", extra={"fields": {"port": port, "paths": "/metrics /healthz"}})
+        log.info("serving metrics", extra={"fields": {"host": host, "port": port, "paths": "/metrics /healthz"}})
         return server
 
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a slow scraper never holds up exit
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6  # "::" or an IPv6 address
 
 
 class _Quiet(WSGIRequestHandler):

@@ -12,6 +12,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from moto_server import free_port
@@ -152,3 +153,92 @@ def test_healthz_turns_503_when_the_loop_stops_beating():
     assert code == 503 and doc["status"] == "stalled"
     ops.heartbeat()
     assert ops.health()[0] == 200
+
+
+# ------------------------------------------------------------------------------------------ bind address, engine
+
+def _other_address() -> str | None:
+    """An IPv4 address of this machine that is not loopback: the hostname's, else the one a route out would use
+    (a UDP connect sends nothing)."""
+    candidates = []
+    try:
+        candidates += socket.gethostbyname_ex(socket.gethostname())[2]
+    except OSError:
+        pass
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: only the routing table is asked
+            candidates.append(s.getsockname()[0])
+    except OSError:
+        pass
+    return next((a for a in candidates if not a.startswith("127.") and a != "0.0.0.0"), None)
+
+
+def _reaches(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def test_metrics_server_binds_loopback_unless_told_otherwise():
+    other = _other_address()
+    if other is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to check the binding against")
+    ops = Ops({"engine": "opencv", "device": "cpu", "model": "m"})
+    port = free_port()
+    server = ops.serve(port)  # the default host
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+        assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        assert not _reaches(other, port), f"the default metrics server answers on {other}"
+    finally:
+        server.shutdown()
+        server.server_close()
+    # the control: told 0.0.0.0, as the container is, the same address does reach it
+    port = free_port()
+    server = ops.serve(port, "0.0.0.0")
+    try:
+        assert _reaches(other, port)
+        assert get(f"http://{other}:{port}/healthz")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_taken_port_costs_the_metrics_not_the_service():
+    ops = Ops({"engine": "opencv", "device": "cpu", "model": "m"})
+    port = free_port()
+    first = ops.serve(port)
+    try:
+        assert Ops({"engine": "e", "device": "d", "model": "m"}).serve(port) is None  # a warning, no raise
+    finally:
+        first.shutdown()
+        first.server_close()
+
+
+def test_healthz_is_503_with_the_reason_once_the_engine_failed():
+    ops = Ops({"engine": "torch", "device": "cuda", "model": "edsr-x3"})
+    value = ops.registry.get_sample_value
+    assert value("superres_engine_healthy") == 1
+    port = free_port()
+    server = ops.serve(port)
+    try:
+        status, text = get(f"http://127.0.0.1:{port}/healthz")
+        assert status == 200 and json.loads(text)["status"] == "ok" and "reason" not in json.loads(text)
+
+        ops.engine_failed("CUDA error: an illegal memory access was encountered")
+        status, text = get(f"http://127.0.0.1:{port}/healthz")
+        doc = json.loads(text)
+        assert status == 503
+        assert doc["status"] == "engine_failed" and doc["reason"] == "CUDA error: an illegal memory access was encountered"
+        assert doc["model"] == "edsr-x3" and doc["device"] == "cuda"
+        got = samples(get(f"http://127.0.0.1:{port}/metrics")[1])
+        assert got[("superres_engine_healthy", frozenset())] == 0
+
+        ops.heartbeat()  # a beating loop does not make a broken engine healthy
+        assert ops.health()[0] == 503
+    finally:
+        server.shutdown()
+        server.server_close()
