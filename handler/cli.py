@@ -38,7 +38,9 @@ def _pipeline_options() -> argparse.ArgumentParser:
     g.add_argument("--min-side", type=int)
     g.add_argument("--on-duplicate", choices=["copy", "record"])
     g.add_argument("--no-dedup", dest="dedup", action="store_const", const=False)
-    g.add_argument("--ledger", type=Path, help="ledger file (default: OUT/.superres/ledger.sqlite3)")
+    g.add_argument("--ledger", help="ledger: a SQLite file or s3:// prefix (default: OUT/.superres/ledger.sqlite3; "
+                                    "S3: s3://BUCKET/.superres/ledger/PREFIX/)")
+    g.add_argument("--lease-s", type=float, help="a claim not renewed for this long is taken over (default 600)")
     g.add_argument("--log-format", choices=["text", "json"])
     g.add_argument("--s3-endpoint-url", help="S3/SQS endpoint (moto, MinIO); default AWS")
     return p

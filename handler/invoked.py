@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from handler.ops import Ops
 from pipeline.adapters.s3_place import S3Object
 from pipeline.events import Message, drop_loops
-from pipeline.s3keys import parse_s3_uri, relative_key
+from pipeline.s3keys import is_s3_uri, parse_s3_uri, relative_key
 
 log = logging.getLogger("superres")
 
@@ -17,6 +17,12 @@ class MessageOutcome:
     retry: bool = False  # some object hit a transient error: the message must come back
     results: list = field(default_factory=list)
 
+    @property
+    def retry_after_s(self) -> float | None:
+        """The longest wait a busy claim asked for (None: no busy claim, an ordinary transient error)."""
+        waits = [r.retry_after_s for r in self.results if r.retryable and r.retry_after_s is not None]
+        return max(waits) if waits else None
+
 
 class EventRunner:
     def __init__(self, processor, objects, settings, guard: list[tuple[str, str]], ops: Ops | None = None):
@@ -25,7 +31,7 @@ class EventRunner:
         self.objects = objects
         self.guard = guard
         # outputs keep the key's path below the inbox prefix when one is configured, else the whole key
-        self.inbox = parse_s3_uri(settings.inbox) if settings.inbox and settings.inbox.startswith("s3://") else None
+        self.inbox = parse_s3_uri(settings.inbox) if settings.inbox and is_s3_uri(settings.inbox) else None
         self.processed = parse_s3_uri(settings.processed) if settings.processed else None
 
     def _rel(self, bucket: str, key: str) -> str:
@@ -42,6 +48,9 @@ class EventRunner:
         for skipped in [*message.skipped, *looped]:
             log.info("skipped", extra={"fields": {"message_id": message.message_id, "reason": skipped.reason}})
         for ref in refs:
+            if self.processor.engine_failure:  # the engine is broken: give the rest back untouched
+                outcome.retry = True
+                break
             src = S3Object(self.objects, ref.bucket, ref.key, self._rel(ref.bucket, ref.key), size=ref.size,
                            etag=ref.etag, processed=self.processed)
             with self.ops.in_flight():

@@ -7,10 +7,12 @@ objects hit a transient error are reported, to be retried; bad inputs are record
 and not retried. When the time left gets short, the remaining messages are reported for retry unprocessed."""
 
 import logging
+import os
 
 from handler.invoked import EventRunner
 from handler.logs import setup_logging
 from handler.runtime import loop_guard, open_processor
+from handler.stop import EXIT_ENGINE_FAILED
 from pipeline.adapters.s3_objects import S3Objects, s3_client
 from pipeline.errors import TransientError
 from pipeline.events import parse_lambda_event
@@ -22,17 +24,22 @@ MIN_RESERVE_MS = 5_000  # never start an item with less than this left
 
 _settings = load_settings()
 setup_logging(_settings.log_format, _settings.log_level)
-_processor = open_processor(_settings)  # cold start: a ConfigError here fails the init phase, loudly
+_processor = open_processor(_settings, "lambda")  # cold start: a ConfigError here fails the init phase, loudly
 _runner = EventRunner(_processor, S3Objects(s3_client(_settings.s3_endpoint_url)), _settings, loop_guard(_settings))
 _slowest_ms = 0.0
 
 
 def handler(event: dict, context) -> dict:
     global _slowest_ms
+    if _processor.engine_failure:
+        # the engine broke in an earlier invocation (whose work was given back): exit before taking any, so
+        # Lambda starts a fresh environment; this invocation fails as a whole and is retried
+        log.error("exiting: the engine failed (%s)", _processor.engine_failure)
+        os._exit(EXIT_ENGINE_FAILED)
     messages = parse_lambda_event(event)
     from_sqs = any(m.message_id for m in messages)
     failures: list[str] = []
-    counts = {"done": 0, "duplicate": 0, "failed": 0, "skipped": 0, "retry": 0}
+    counts = {"done": 0, "duplicate": 0, "failed": 0, "skipped": 0, "retry": 0, "lost-claim": 0}
     for index, message in enumerate(messages):
         remaining = context.get_remaining_time_in_millis() if context is not None else float("inf")
         if remaining < max(MIN_RESERVE_MS, 2 * _slowest_ms):

@@ -6,10 +6,11 @@ import time
 
 from handler.ops import Ops
 from handler.runtime import loop_guard, open_processor
-from handler.watch import StopFlag
+from handler.stop import EXIT_ENGINE_FAILED, Backoff, StopFlag
 from pipeline.adapters.s3_objects import S3Objects, s3_client
 from pipeline.adapters.s3_place import S3Object
 from pipeline.events import ObjectRef, drop_loops
+from pipeline.errors import TransientError
 from pipeline.intake import is_temp_name
 from pipeline.s3keys import parse_s3_uri, relative_key
 
@@ -18,35 +19,48 @@ log = logging.getLogger("superres")
 
 def run_s3_watch(settings) -> int:
     bucket, prefix = parse_s3_uri(settings.inbox)
-    processor = open_processor(settings)
+    processor = open_processor(settings, "watch")
     ops = Ops.for_processor(processor, interval_s=settings.rescan_s)  # one listing per rescan_s
     objects = S3Objects(s3_client(settings.s3_endpoint_url))
     guard = loop_guard(settings)
     processed = parse_s3_uri(settings.processed) if settings.processed else None
     stop = StopFlag()
     seen: set[tuple[str, str]] = set()  # (key, etag) settled in this process: spares a ledger read per poll
-    ops.serve(settings.metrics_port)
+    ops.serve(settings.metrics_port, settings.metrics_host)
     log.info("watching", extra={"fields": {"inbox": settings.inbox, "outbox": settings.outbox}})
-    while not stop.set:
-        ops.heartbeat()
-        started = time.monotonic()
-        listing = [ObjectRef(info.bucket, info.key, info.size, info.etag) for info in objects.list(bucket, prefix)]
-        refs, _ = drop_loops(listing, guard)  # the outbox may sit inside the inbox prefix
-        for ref in refs:
-            if stop.set:
-                break
-            if (ref.key, ref.etag) in seen or is_temp_name(ref.key.rpartition("/")[2]):
-                continue
-            src = S3Object(objects, bucket, ref.key, relative_key(ref.key, prefix), size=ref.size, etag=ref.etag,
-                           processed=processed)
-            with ops.in_flight():
-                result = processor.process(src)
-            ops.record(result, log_line=result.outcome != "skipped")
-            if result.outcome != "retry":
-                seen.add((ref.key, ref.etag))
-        while not stop.set and time.monotonic() - started < settings.rescan_s:
+    outage = Backoff()
+    try:
+        while not stop.set and not processor.engine_failure:
             ops.heartbeat()
-            time.sleep(0.2)
-    processor.ledger.close()
+            started = time.monotonic()
+            try:
+                listing = [ObjectRef(i.bucket, i.key, i.size, i.etag) for i in objects.list(bucket, prefix)]
+                outage.reset()
+            except TransientError as exc:  # an outage of any length: wait and list again
+                log.warning("cannot list the inbox (%s); retrying in %.0f s", exc.message, outage.peek())
+                stop.sleep(outage.next())
+                continue
+            refs, _ = drop_loops(listing, guard)  # the outbox may sit inside the inbox prefix
+            for ref in refs:
+                if stop.set or processor.engine_failure:
+                    break
+                if (ref.key, ref.etag) in seen or is_temp_name(ref.key.rpartition("/")[2]):
+                    continue
+                src = S3Object(objects, bucket, ref.key, relative_key(ref.key, prefix), size=ref.size, etag=ref.etag,
+                               processed=processed)
+                with ops.in_flight():
+                    result = processor.process(src)
+                ops.record(result, log_line=result.outcome != "skipped")
+                if not result.retryable:
+                    seen.add((ref.key, ref.etag))
+            while not stop.set and time.monotonic() - started < settings.rescan_s:
+                ops.heartbeat()
+                stop.sleep(0.2)
+    finally:
+        processor.close()
+    if processor.engine_failure:
+        ops.engine_failed(processor.engine_failure)
+        log.error("stopping: the engine failed (%s); the item was given back", processor.engine_failure)
+        return EXIT_ENGINE_FAILED
     log.info("stopped")
     return 0

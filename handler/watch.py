@@ -3,12 +3,12 @@ Each ready object goes through the pipeline. SIGTERM/SIGINT finish the item in h
 
 import heapq
 import logging
-import signal
 import time
 from pathlib import Path
 
 from handler.ops import Ops
 from handler.runtime import open_processor
+from handler.stop import EXIT_ENGINE_FAILED, StopFlag
 from pipeline.adapters.local_files import LocalFile
 from pipeline.errors import ConfigError
 from pipeline.process import Result
@@ -17,19 +17,6 @@ from pipeline.s3keys import is_s3_uri
 log = logging.getLogger("superres")
 
 RETRY_DELAYS_S = (1, 5, 30, 120, 600)  # transient errors; after the last one the item waits for its next change
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop checks it between items, so the item in hand is finished."""
-
-    def __init__(self) -> None:
-        self.set = False
-        signal.signal(signal.SIGTERM, self._stop)
-        signal.signal(signal.SIGINT, self._stop)
-
-    def _stop(self, signum, _frame) -> None:
-        log.info("stopping after the item in hand", extra={"fields": {"signal": signal.Signals(signum).name}})
-        self.set = True
 
 
 def run_watch(settings) -> int:
@@ -42,7 +29,7 @@ def run_watch(settings) -> int:
     inbox = Path(settings.inbox)
     if not inbox.is_dir():
         raise ConfigError(f"the inbox {inbox} is not a folder")
-    processor = open_processor(settings)
+    processor = open_processor(settings, "watch")
     ops = Ops.for_processor(processor, interval_s=0.5)  # the loop below wakes at least every 0.5 s
     processed = Path(settings.processed) if settings.processed else inbox / "processed"
     # Folders the pipeline itself writes into, when they sit inside the inbox, are not inputs.
@@ -56,12 +43,12 @@ def run_watch(settings) -> int:
     watcher = InboxWatcher(inbox, poll=settings.poll, settle_s=settings.settle_s, rescan_s=settings.rescan_s,
                            exclude=exclude)
     watcher.start()
-    ops.serve(settings.metrics_port)
+    ops.serve(settings.metrics_port, settings.metrics_host)
     log.info("watching", extra={"fields": {"inbox": str(inbox), "outbox": settings.outbox, "poll": settings.poll}})
     retries: list[tuple[float, str]] = []  # (due, name), a heap
     attempts: dict[str, int] = {}
     try:
-        while not stop.set:
+        while not stop.set and not processor.engine_failure:
             ops.heartbeat()
             path = _next(watcher, retries, inbox)
             if path is None:
@@ -74,17 +61,23 @@ def run_watch(settings) -> int:
                     log.exception("could not settle %r", path.name)
                     result = Result(src, "retry", detail=str(exc))
             ops.record(result)
-            if result.outcome == "retry":
+            if result.retryable:
                 attempt = attempts.get(path.name, 0)
                 if attempt < len(RETRY_DELAYS_S):
                     attempts[path.name] = attempt + 1
-                    heapq.heappush(retries, (time.monotonic() + RETRY_DELAYS_S[attempt], path.name))
+                    # a busy claim: when its holder's lease could have run out, if it has not finished by then
+                    delay = max(RETRY_DELAYS_S[attempt], result.retry_after_s or 0)
+                    heapq.heappush(retries, (time.monotonic() + delay, path.name))
             else:
                 attempts.pop(path.name, None)
             watcher.done(path)
     finally:
         watcher.stop()
-        processor.ledger.close()
+        processor.close()
+    if processor.engine_failure:
+        ops.engine_failed(processor.engine_failure)
+        log.error("stopping: the engine failed (%s); the item was given back", processor.engine_failure)
+        return EXIT_ENGINE_FAILED
     log.info("stopped")
     return 0
 

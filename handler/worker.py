@@ -6,18 +6,20 @@ invisible and the ledger claim alive. A transient failure leaves the message to 
 keeps failing goes to the queue's dead-letter queue by its redrive policy. SIGTERM finishes the item in
 hand, gives the rest of the batch back to the queue at once, and exits 0."""
 
+import json
 import logging
-import signal
 import threading
 import time
 
 from handler.invoked import EventRunner
 from handler.ops import Ops
 from handler.runtime import loop_guard, open_processor
+from handler.stop import EXIT_ENGINE_FAILED, Backoff, StopFlag
 from pipeline.adapters.s3_objects import S3Objects, s3_client, sqs_client
 from pipeline.errors import ConfigError
 from pipeline.events import Message, parse_sqs_body
 from pipeline.s3keys import is_s3_uri
+from pipeline.settings import CLAIM_MARGIN_S, SQS_MAX_VISIBILITY_S
 
 log = logging.getLogger("superres")
 
@@ -27,10 +29,10 @@ class _Interrupted(Exception):
 
 
 class Heartbeat:
-    """Keeps a message invisible and the ledger claim alive while its item is in work."""
+    """Keeps a message invisible while its item is in work (the Processor renews the ledger claim itself)."""
 
-    def __init__(self, sqs, queue_url: str, receipt: str, visibility_s: int, processor):
-        self._args = (sqs, queue_url, receipt, visibility_s, processor)
+    def __init__(self, sqs, queue_url: str, receipt: str, visibility_s: int, every_s: float):
+        self._args = (sqs, queue_url, receipt, visibility_s, every_s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -43,13 +45,26 @@ class Heartbeat:
         self._thread.join()
 
     def _run(self) -> None:
-        sqs, queue_url, receipt, visibility_s, processor = self._args
-        while not self._stop.wait(max(1.0, visibility_s / 3)):
+        sqs, queue_url, receipt, visibility_s, every_s = self._args
+        while not self._stop.wait(max(1.0, every_s)):
             try:
                 sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=receipt, VisibilityTimeout=visibility_s)
-                processor.heartbeat()
-            except Exception:  # a missed beat is survivable; the lease and visibility have slack
+            except Exception:  # a missed beat is survivable: the visibility has slack
                 log.warning("heartbeat failed", exc_info=True)
+
+
+def max_receive_count(sqs, queue_url: str) -> int | None:
+    """The queue's redrive maxReceiveCount (None: no dead-letter queue). A queue that is not there is a set-up
+    error, said at start."""
+    try:
+        attrs = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["RedrivePolicy"]).get("Attributes", {})
+    except Exception as exc:  # noqa: BLE001 - whatever boto3 raises, the worker cannot start
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        if "NonExistentQueue" in code or "QueueDoesNotExist" in code:
+            raise ConfigError(f"the queue {queue_url} does not exist") from None
+        raise ConfigError(f"cannot reach the queue {queue_url}: {exc}") from None
+    policy = attrs.get("RedrivePolicy")
+    return int(json.loads(policy)["maxReceiveCount"]) if policy else None
 
 
 def run_worker(settings, *, max_messages: int | None = None, idle_exit_s: float | None = None) -> int:
@@ -57,26 +72,17 @@ def run_worker(settings, *, max_messages: int | None = None, idle_exit_s: float 
         raise ConfigError("worker needs --queue URL (or SUPERRES_QUEUE_URL)")
     if not settings.outbox or not is_s3_uri(settings.outbox):
         raise ConfigError("worker needs an S3 outbox: --outbox s3://bucket/prefix/ (or SUPERRES_OUTBOX)")
-    processor = open_processor(settings)
     sqs = sqs_client(settings.s3_endpoint_url)
+    processor = open_processor(settings, "worker", max_receive_count=max_receive_count(sqs, settings.queue_url))
     ops = Ops.for_processor(processor, interval_s=settings.wait_s)  # one long poll per wait_s
     runner = EventRunner(processor, S3Objects(s3_client(settings.s3_endpoint_url)), settings, loop_guard(settings), ops)
-
-    state = {"stop": False, "waiting": False}
-
-    def on_signal(signum, _frame):
-        log.info("stopping after the item in hand", extra={"fields": {"signal": signal.Signals(signum).name}})
-        state["stop"] = True
-        if state["waiting"]:
-            raise _Interrupted()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    ops.serve(settings.metrics_port)
+    stop = StopFlag(on_stop=lambda: _raise_if_waiting(state))
+    state = {"waiting": False}
+    ops.serve(settings.metrics_port, settings.metrics_host)
     log.info("worker ready", extra={"fields": {"queue": settings.queue_url, "outbox": settings.outbox}})
-    handled, idle_since = 0, time.monotonic()
+    handled, idle_since, outage = 0, time.monotonic(), Backoff()
     try:
-        while not state["stop"] and (max_messages is None or handled < max_messages):
+        while not stop.set and not processor.engine_failure and (max_messages is None or handled < max_messages):
             ops.heartbeat()
             try:
                 state["waiting"] = True
@@ -85,8 +91,14 @@ def run_worker(settings, *, max_messages: int | None = None, idle_exit_s: float 
                     WaitTimeSeconds=settings.wait_s, VisibilityTimeout=settings.visibility_s,
                     AttributeNames=["ApproximateReceiveCount"],
                 ).get("Messages", [])
+                outage.reset()
             except _Interrupted:
                 break
+            except Exception as exc:  # noqa: BLE001 - an outage of any length: wait and try again
+                state["waiting"] = False
+                log.warning("cannot receive from the queue (%s); retrying in %.0f s", exc, outage.peek())
+                stop.sleep(outage.next())
+                continue
             finally:
                 state["waiting"] = False
             if not messages:
@@ -94,29 +106,52 @@ def run_worker(settings, *, max_messages: int | None = None, idle_exit_s: float 
                     break
                 continue
             for i, message in enumerate(messages):
-                if state["stop"]:
+                if stop.set or processor.engine_failure:
                     release(sqs, settings.queue_url, messages[i:])
                     break
                 handle(sqs, settings, runner, processor, message)
                 handled += 1
             idle_since = time.monotonic()
     finally:
-        processor.ledger.close()
+        processor.close()
+    if processor.engine_failure:
+        ops.engine_failed(processor.engine_failure)
+        log.error("stopping: the engine failed (%s); its work was given back", processor.engine_failure)
+        return EXIT_ENGINE_FAILED
     log.info("stopped", extra={"fields": {"messages": handled}})
     return 0
 
 
+def _raise_if_waiting(state: dict) -> None:
+    if state["waiting"]:
+        raise _Interrupted()
+
+
+def retry_delay_s(settings, outcome, receives: int) -> int:
+    """When a message whose items must be retried comes back (pure). A busy claim: once its lease could have
+    run out (plus a margin), never on a short fixed pause that would spend the message's receives; the engine
+    failed here: at once, for another worker; other transient trouble: backing off with each receive."""
+    if outcome.retry_after_s is not None:
+        delay = outcome.retry_after_s + CLAIM_MARGIN_S
+    else:
+        delay = min(settings.visibility_s, 10 * 2 ** max(0, receives - 1))
+    return int(min(SQS_MAX_VISIBILITY_S, max(0, delay)))
+
+
 def handle(sqs, settings, runner: EventRunner, processor, message: dict) -> None:
     refs, skipped = parse_sqs_body(message.get("Body", ""))
-    with Heartbeat(sqs, settings.queue_url, message["ReceiptHandle"], settings.visibility_s, processor):
+    receipt = message["ReceiptHandle"]
+    with Heartbeat(sqs, settings.queue_url, receipt, settings.visibility_s, settings.sqs_heartbeat_s()):
         outcome = runner.run(Message(message["MessageId"], refs, skipped))
-    if outcome.retry:
-        # back on the queue after a short pause that grows with each receive; the redrive policy ends it
-        receives = int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
-        sqs.change_message_visibility(QueueUrl=settings.queue_url, ReceiptHandle=message["ReceiptHandle"],
-                                      VisibilityTimeout=min(settings.visibility_s, 5 * receives))
-        return
-    sqs.delete_message(QueueUrl=settings.queue_url, ReceiptHandle=message["ReceiptHandle"])
+    try:
+        if outcome.retry:
+            receives = int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
+            delay = 0 if processor.engine_failure else retry_delay_s(settings, outcome, receives)
+            sqs.change_message_visibility(QueueUrl=settings.queue_url, ReceiptHandle=receipt, VisibilityTimeout=delay)
+        else:
+            sqs.delete_message(QueueUrl=settings.queue_url, ReceiptHandle=receipt)
+    except Exception as exc:  # noqa: BLE001 - the message comes back after its visibility; settled items are skipped
+        log.warning("could not %s a message: %s", "defer" if outcome.retry else "delete", exc)
 
 
 def release(sqs, queue_url: str, messages: list[dict]) -> None:

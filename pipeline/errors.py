@@ -59,3 +59,12 @@ class DeviceOutOfMemory(TransientError):
 
     default_stage = "upscale"
     default_code = "device_out_of_memory"
+
+
+class EngineFailure(TransientError):
+    """The engine failed on an input that passed every limit (out of memory after the last shrink, a CUDA
+    error): the engine's trouble, not the input's. The item is given back, never filed as failed, and a
+    long-running process reports itself unhealthy and exits so that it is restarted."""
+
+    default_stage = "upscale"
+    default_code = "engine_failed"

@@ -14,8 +14,9 @@ from pathlib import PurePosixPath
 from typing import Protocol
 
 from pipeline import codec
-from pipeline.errors import InputRejected, SuperresError, TransientError
-from pipeline.ledger import ClaimOutcome, Ledger, dedup_key
+from pipeline.errors import EngineFailure, InputRejected, SuperresError, TransientError
+from pipeline.ledger import (ClaimBusy, ClaimLost, ClaimOutcome, Ledger, SourceRow, dedup_key, output_intact,
+                             output_variant, request_id)
 from pipeline.limits import Limits, check_dimensions, check_size
 from pipeline.tiling import policy_id
 from pipeline.upscale import upscale_frames
@@ -24,42 +25,47 @@ log = logging.getLogger("superres.pipeline")
 
 CONTENT_TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".webp": "image/webp", ".tif": "image/tiff",
                  ".bmp": "image/bmp", ".gif": "image/gif"}
+# exceptions of the network libraries that escaped an adapter: a later try may work, the input is not at fault
+_NETWORK_MODULES = ("botocore", "boto3", "s3transfer", "urllib3", "http.client", "ssl", "socket")
 
 
 class InputObject(Protocol):
-    id: str  # the ledger's name for it: a path or s3://bucket/key
+    id: str  # the ledger's name for it: an absolute path or s3://bucket/key
     rel: str  # its name relative to the folder/prefix it came from; the output keeps it
 
     def fingerprint(self) -> str | None: ...  # cheap identity as it is now, without reading it
     def read(self, max_bytes: int) -> tuple[bytes, str]: ...  # data and the fingerprint it was read at
     def metadata(self, sha256: str, model: str) -> dict[str, str]: ...  # carried on the output (S3)
-    def dispose(self, disposition: str) -> None: ...  # keep | move | delete, once settled
+    def dispose(self, disposition: str) -> None: ...  # keep | move | delete: only the very bytes read
 
 
 class Place(Protocol):
-    def url(self, rel: str) -> str: ...
+    def url(self, rel: str) -> str: ...  # refuses names the place cannot hold (InputRejected)
     def name(self, url: str) -> str: ...
-    def exists(self, url: str) -> bool: ...
+    def etag(self, url: str) -> str | None: ...  # the identity of what is there now; None: nothing
     def stage(self, data: bytes, tag: str): ...
     def commit(self, staged, rel: str, *, content_type: str, metadata: dict[str, str]) -> str: ...
     def finish_staged(self, token: str | None, url: str) -> bool: ...
     def copy(self, from_url: str, rel: str) -> str: ...
-    def put_failure(self, rel: str, record: dict, src, *, move: bool) -> str: ...
+    def put_failure(self, rel: str, record: dict, data: bytes | None) -> str: ...  # a new, unique record
+    def remove_failure(self, where: str) -> None: ...
 
 
 @dataclass
 class Result:
     source: InputObject
-    outcome: str  # done | duplicate | failed | skipped | retry
+    outcome: str  # done | duplicate | failed | skipped | retry | lost-claim
     output: str | None = None
     detail: str = ""
     seconds: dict = field(default_factory=dict)
     output_pixels: int = 0
     sha256: str | None = None
+    retry_after_s: float | None = None  # retry: not before this (a busy claim's remaining lease)
 
     @property
     def retryable(self) -> bool:
-        return self.outcome == "retry"
+        # lost-claim: the new holder finishes it; a later look finds it done (or takes it over if that one dies)
+        return self.outcome in ("retry", "lost-claim")
 
 
 @dataclass
@@ -68,8 +74,11 @@ class Job:
 
     src: InputObject
     fingerprint: str | None = None
+    prior: SourceRow | None = None  # what the ledger said of this source before
+    data: bytes | None = None  # the bytes read: hashed, decoded, and set aside as they are if the item fails
     sha: str | None = None
     key: str | None = None
+    generation: int = 0  # of our claim on `key`
     claimed: bool = False  # we hold the ledger claim on `key`
     fmt: str = ""
     content_type: str = ""
@@ -79,7 +88,6 @@ class Job:
     frames: list | None = None
     error: BaseException | None = None
     timings: dict = field(default_factory=dict)
-
 
 @dataclass(frozen=True)
 class Options:
@@ -114,7 +122,8 @@ def output_rel(rel: str, ext: str) -> str:
 
 
 class Processor:
-    """Holds what lives for the whole process: the engine (loaded once), the ledger, the places."""
+    """Holds what lives for the whole process: the engine (loaded once), the ledger, the places, and a renewer
+    thread that keeps the leases of every claim in hand alive (every mode: watch, one-shot, worker, Lambda)."""
 
     def __init__(self, engine, spec, options: Options, ledger: Ledger, outbox: Place, failed: Place, *,
                  recover: bool = True):
@@ -125,25 +134,47 @@ class Processor:
         self.outbox = outbox
         self.failed = failed
         self.policy = policy_id(options.policy, options.cap_side)
+        self.request = request_id(spec.name, spec.scale, self.policy, options.out_format, options.jpeg_quality,
+                                  options.webp_quality)
         self.batch = options.tile_batch or engine.default_batch()
         self.tile = options.tile or engine.default_tile(self.batch)
-        # keys claimed by this process and not yet settled: heartbeats renew them, and a second item with the
-        # same content waits for the first instead of claiming it again (our own claim would let it through)
+        self.engine_failure: str | None = None  # set once the engine failed on a valid input: the process is sick
+        # keys being worked on in this process: a second item with the same content waits for the first instead
+        # of claiming it again (our own claim would let it through)
         self._inflight: set[str] = set()
         self._inflight_changed = threading.Condition()
+        self._claims: dict[str, int] = {}  # key -> generation of each claim we hold: the renewer keeps them
+        self._lost: set[str] = set()  # claims a renewal found taken over
+        self._closing = threading.Event()
+        self._renewer = threading.Thread(target=self._renew_loop, name="superres-renew", daemon=True)
+        self._renewer.start()
         if recover:
             self.recover()
 
+    def close(self) -> None:
+        self._closing.set()
+        self._renewer.join(timeout=10)
+        self.ledger.close()
+
+    def _renew_loop(self) -> None:
+        every = max(0.2, self.ledger.lease_s / 3)  # two renewals may fail before a lease runs out
+        while not self._closing.wait(every):
+            self.heartbeat()
+
     def heartbeat(self) -> None:
-        """Push the leases of the items in hand forward (called from a heartbeat thread on long items)."""
-        for key in list(self._inflight):
-            self.ledger.renew(key)
+        """Push the leases of the claims in hand forward; a claim found taken over is marked lost."""
+        for key, generation in list(self._claims.items()):
+            try:
+                if not self.ledger.renew(key, generation):
+                    self._lost.add(key)
+            except Exception as exc:  # a missed renewal is survivable: the lease has two more in it
+                log.warning("could not renew a claim: %s", exc)
 
     def recover(self) -> None:
         """At start: finish publishes that a killed process left half-way; drop what can't be finished."""
         for row in self.ledger.orphaned_publishes():
-            if self.outbox.finish_staged(row.temp, row.output):
-                self.ledger.mark_item_done(row.key)
+            if self.outbox.finish_staged(row.temp, row.output) and (etag := self.outbox.etag(row.output)):
+                self.ledger.mark_item_done(row.key, etag)
                 log.info("finished an interrupted publish", extra={"fields": {"output": row.output}})
             else:
                 self.ledger.release_any(row.key)  # neither staged data nor output: it will be upscaled again
@@ -155,19 +186,31 @@ class Processor:
 
     # -- phase 1: read, hash, dedup claim, decode ---------------------------------------------------------------
 
+    def _fp(self, seen: str | None) -> str | None:
+        return None if seen is None else f"{seen}|{self.request}"
+
+    def _settled(self, prior: SourceRow | None, fingerprint: str | None) -> bool:
+        """Settled: this source as it is now, under these settings, with its output still the one published."""
+        if prior is None or fingerprint is None or prior.fingerprint != fingerprint:
+            return False
+        return prior.outcome == "failed" or output_intact(prior.output_etag, self.outbox.etag(prior.output or ""))
+
     def prepare(self, src: InputObject) -> "Job | Result":
         job = Job(src)
         t0 = time.perf_counter()
         try:
-            job.fingerprint = src.fingerprint()
-            if job.fingerprint is not None:
-                settled = self.ledger.settled(src.id, job.fingerprint)
-                if settled is not None:
-                    if settled != "failed":
-                        src.dispose(self.opt.disposition)  # a crash may have come between the ledger and this
-                    return Result(src, "skipped", detail=f"already {settled}")
-            data, job.fingerprint = src.read(self.opt.limits.max_bytes)
+            job.prior = self.ledger.source(src.id)
+            if self._settled(job.prior, self._fp(src.fingerprint())) and (
+                    self.opt.disposition == "keep" or job.prior.outcome == "failed"):
+                return Result(src, "skipped", job.prior.output, detail=f"already {job.prior.outcome}")
+            data, seen = src.read(self.opt.limits.max_bytes)
+            job.fingerprint = self._fp(seen)
+            if self._settled(job.prior, job.fingerprint):
+                # settled, but a crash came between the ledger and the disposition: finish that, on these bytes
+                src.dispose(self.opt.disposition)
+                return Result(src, "skipped", job.prior.output, detail=f"already {job.prior.outcome}")
             check_size(len(data), self.opt.limits)
+            job.data = data
             job.sha = hashlib.sha256(data).hexdigest()
             job.timings["read"] = time.perf_counter() - t0
 
@@ -177,8 +220,9 @@ class Processor:
             job.content_type = CONTENT_TYPES.get(ext, "application/octet-stream")
             job.rel_out = output_rel(src.rel, ext)
             job.out_url = self.outbox.url(job.rel_out)
-            scope = self.policy if self.opt.dedup else f"{self.policy}:{src.id}"
-            key = dedup_key(job.sha, self.spec.name, self.spec.scale, scope)
+            quality = {"JPEG": self.opt.jpeg_quality, "WEBP": self.opt.webp_quality}.get(job.fmt)
+            variant = output_variant(self.spec.name, self.spec.scale, self.policy, job.fmt, quality)
+            key = dedup_key(job.sha, variant if self.opt.dedup else f"{variant}:{src.id}")
             self._hold(key)
             job.key = key
             done = self._claim(job)
@@ -197,26 +241,41 @@ class Processor:
     def _claim(self, job: "Job") -> Result | None:
         """Claim the key; None means "ours: upscale it", else the item is already settled by this call."""
         src, key = job.src, job.key
+        writer = self.ledger.claim_output(job.out_url, src.id)
+        if writer != src.id:
+            raise InputRejected(f"{job.out_url} is the output of another input ({writer}); refused so that it is "
+                                "not overwritten (names that differ only by '//' or '/./' are one name)",
+                                stage="publish", code="output_collision")
         outcome, row = self.ledger.claim(key, source=src.id, output=job.out_url)
-        if outcome is ClaimOutcome.BUSY:
-            job.claimed = False
-            raise TransientError(f"another worker ({row.owner}) is processing the same content", stage="dedup")
-        if outcome is ClaimOutcome.DUPLICATE and not self.outbox.exists(row.output):
-            self.ledger.reopen(key)  # the first output was removed since: do the work again
+        if outcome is ClaimOutcome.DUPLICATE and not output_intact(row.output_etag, self.outbox.etag(row.output)):
+            self.ledger.reopen(key, row.generation)  # the output was removed or replaced since: do the work again
             outcome, row = self.ledger.claim(key, source=src.id, output=job.out_url)
+        if outcome is ClaimOutcome.BUSY:
+            raise ClaimBusy(f"another worker ({row.owner}) is processing the same content",
+                            retry_after_s=max(0.0, row.lease_until - time.time()))
         if outcome is ClaimOutcome.DUPLICATE:
-            return self._duplicate(src, row.output, job.rel_out, job.out_url, key, job.sha, job.fingerprint)
+            return self._duplicate(job, row)
+        self._took(job, row.generation)
         if outcome is ClaimOutcome.RESUME_PUBLISH:
-            if self.outbox.finish_staged(row.temp, row.output):
-                self.ledger.mark_done(key, source=src.id, fingerprint=job.fingerprint, sha256=job.sha, output=row.output)
-                src.dispose(self.opt.disposition)
+            if self.outbox.finish_staged(row.temp, row.output) and (etag := self.outbox.etag(row.output)):
+                self._done(job, row.output, etag)
                 return Result(src, "done", row.output, "finished an interrupted publish", sha256=job.sha)
-            self.ledger.release_any(key)  # nothing to finish: upscale again
+            self.ledger.release(key, job.generation)  # nothing to finish: upscale again
+            self._gave_back(job)
             outcome, row = self.ledger.claim(key, source=src.id, output=job.out_url)
             if outcome is not ClaimOutcome.NEW:
                 raise TransientError("the item changed hands while resuming", stage="dedup")
-        job.claimed = True
+            self._took(job, row.generation)
         return None
+
+    def _took(self, job: "Job", generation: int) -> None:
+        job.claimed, job.generation = True, generation
+        self._lost.discard(job.key)
+        self._claims[job.key] = generation
+
+    def _gave_back(self, job: "Job") -> None:
+        job.claimed = False
+        self._claims.pop(job.key, None)
 
     # -- phase 2: the engine --------------------------------------------------------------------------------------
 
@@ -235,20 +294,25 @@ class Processor:
                 job.frames = [next(ups) for _ in job.image.frames]
                 job.timings["upscale"] = (time.perf_counter() - t) / len(jobs)  # shared calls: an even share each
             return jobs
-        except SuperresError as exc:
+        except InputRejected as exc:  # the input's own fault (refused by a rule of the upscale stage)
             if len(jobs) > 1:
                 return [self.run_engine(job) for job in jobs]
             jobs[0].error = exc
-        except Exception as exc:  # an engine failure on this input must not stop the process
+        except Exception as exc:  # noqa: BLE001 - an input that passed every limit: the engine is at fault
             if len(jobs) > 1:
                 return [self.run_engine(job) for job in jobs]
-            jobs[0].error = InputRejected(f"the engine failed on this image: {exc}", stage="upscale",
-                                          code="engine_failed")
+            jobs[0].error = self._engine_failed(exc)
         except BaseException as exc:
             for job in jobs:
                 job.error = exc
         jobs[0].timings["upscale"] = time.perf_counter() - t
         return jobs
+
+    def _engine_failed(self, exc: BaseException) -> EngineFailure:
+        what = exc.message if isinstance(exc, SuperresError) else f"{type(exc).__name__}: {exc}"
+        self.engine_failure = self.engine_failure or what
+        log.error("the engine failed on a valid input: %s", what)
+        return EngineFailure(f"the engine failed ({what}); the item is given back", stage="upscale")
 
     # -- phase 3: encode, publish, ledger, disposition -------------------------------------------------------------
 
@@ -257,24 +321,49 @@ class Processor:
         try:
             if job.error is not None:
                 raise job.error
+            self._check_claim(job)
             t = time.perf_counter()
             job.image.frames = job.frames
             encoded = codec.encode(job.image, job.fmt, jpeg_quality=self.opt.jpeg_quality, webp_quality=self.opt.webp_quality)
             job.timings["encode"] = time.perf_counter() - t
             t = time.perf_counter()
             staged = self.outbox.stage(encoded, job.sha[:32])
-            self.ledger.mark_publishing(job.key, staged.token)
+            # fenced: a process that lost its claim stops here, before the outbox is touched
+            self.ledger.mark_publishing(job.key, job.generation, staged.token)
             out_url = self.outbox.commit(staged, job.rel_out, content_type=job.content_type,
                                          metadata=src.metadata(job.sha, self.spec.name))
-            self.ledger.mark_done(job.key, source=src.id, fingerprint=job.fingerprint, sha256=job.sha, output=out_url)
-            job.claimed = False
+            etag = self.outbox.etag(out_url)
+            if etag is None:
+                raise TransientError(f"{out_url} is not there right after its publish", stage="publish")
+            self._done(job, out_url, etag)
             job.timings["publish"] = time.perf_counter() - t
             pixels = sum(f.shape[0] * f.shape[1] for f in job.frames)
-            self._let_go(job)
-            src.dispose(self.opt.disposition)
             return Result(src, "done", out_url, seconds=job.timings, output_pixels=pixels, sha256=job.sha)
         except BaseException as exc:
             return self._settle_error(job, exc)
+
+    def _check_claim(self, job: "Job") -> None:
+        if job.key in self._lost:
+            raise ClaimLost(f"the claim on {job.key} was taken over while the item was in work")
+
+    def _done(self, job: "Job", out_url: str, etag: str) -> None:
+        """Settle the item and its source as done, then clear a failure of this source and dispose of it."""
+        self.ledger.mark_done(job.key, job.generation, source=job.src.id, fingerprint=job.fingerprint,
+                              sha256=job.sha, output=out_url, output_etag=etag)
+        self._gave_back(job)
+        self._let_go(job)
+        self._settled_now(job)
+
+    def _settled_now(self, job: "Job") -> None:
+        """The source has an output now: a failure recorded for it before is no longer true (failed/ shows what
+        is failed now); then the disposition, on the bytes that were read."""
+        prior = job.prior
+        if prior is not None and prior.outcome == "failed" and prior.output:
+            try:
+                self.failed.remove_failure(prior.output)
+            except Exception as exc:  # noqa: BLE001 - a stale record is untidy, not a loss
+                log.warning("could not remove the earlier failure record %s: %s", prior.output, exc)
+        job.src.dispose(self.opt.disposition)
 
     # -- the rest ---------------------------------------------------------------------------------------------
 
@@ -294,45 +383,70 @@ class Processor:
     def _settle_error(self, job: "Job", exc: BaseException) -> Result:
         """Any error ends the job: release our claim (a `publishing` row is left to recovery), then record it."""
         if job.claimed:
-            self.ledger.release(job.key)
-            job.claimed = False
+            try:
+                self.ledger.release(job.key, job.generation)
+            except Exception as release_error:  # noqa: BLE001 - the lease runs out on its own
+                log.warning("could not release a claim: %s", release_error)
+            self._gave_back(job)
         self._let_go(job)
         src = job.src
         if not isinstance(exc, Exception):
             raise exc  # KeyboardInterrupt, SystemExit: the claim is released, the process goes
-        if not isinstance(exc, SuperresError):
-            # a bug must cost one item, not the process; the input is set aside with the reason
-            log.error("unexpected error on %r", src.rel, exc_info=exc)
-            exc = InputRejected(f"internal error: {type(exc).__name__}: {exc}", stage="internal", code="internal_error")
+        if isinstance(exc, MemoryError):
+            exc = self._engine_failed(exc)  # the machine's trouble, not the input's
+        elif not isinstance(exc, SuperresError):
+            if type(exc).__module__.split(".")[0] in _NETWORK_MODULES or isinstance(exc, (ConnectionError, TimeoutError)):
+                exc = TransientError(f"{type(exc).__name__}: {exc}", stage="io")
+            else:
+                # a bug must cost one item, not the process; the input is set aside with the reason
+                log.error("unexpected error on %r", src.rel, exc_info=exc)
+                exc = InputRejected(f"internal error: {type(exc).__name__}: {exc}", stage="internal",
+                                    code="internal_error")
+        if isinstance(exc, ClaimLost):
+            log.warning("lost the claim on %r: abandoned, the new holder finishes it", src.rel)
+            return Result(src, "lost-claim", detail=exc.message, seconds=job.timings, sha256=job.sha)
         if isinstance(exc, InputRejected):
             try:
-                return self._fail(src, exc, job.sha, job.fingerprint, job.key, job.timings)
+                return self._fail(job, exc)
             except TransientError as failed_too:  # the failed place itself is unreachable: try the item again later
                 exc = failed_too
         log.warning("will retry %r: %s", src.rel, exc.message)
-        return Result(src, "retry", detail=exc.message, seconds=job.timings, sha256=job.sha)
+        return Result(src, "retry", detail=exc.message, seconds=job.timings, sha256=job.sha,
+                      retry_after_s=getattr(exc, "retry_after_s", None))
 
-    def _duplicate(self, src, first: str, rel_out: str, out_url: str, key, sha, fingerprint) -> Result:
-        if first == out_url:  # this very input, finished before a crash or restart: settle it, no work
-            self.ledger.mark_done(key, source=src.id, fingerprint=fingerprint, sha256=sha, output=first)
-            src.dispose(self.opt.disposition)
-            return Result(src, "skipped", first, "already done", sha256=sha)
-        output = first
+    def _duplicate(self, job: "Job", row) -> Result:
+        src, first = job.src, row.output
+        if first == job.out_url:  # this very output, finished before a crash, a restart or a settings change
+            self.ledger.record_source(src.id, fingerprint=job.fingerprint, sha256=job.sha, key=job.key,
+                                      outcome="done", output=first, detail=None, output_etag=row.output_etag)
+            self._settled_now(job)
+            return Result(src, "skipped", first, "already done", sha256=job.sha)
+        output, etag = first, row.output_etag
         if self.opt.on_duplicate == "copy":
-            output = self.outbox.copy(first, rel_out)
-        self.ledger.record_source(src.id, fingerprint=fingerprint, sha256=sha, key=key,
-                                  outcome="duplicate", output=output, detail=f"duplicate of {first}")
-        src.dispose(self.opt.disposition)
-        return Result(src, "duplicate", output, detail=f"same content as {self.outbox.name(first)}", sha256=sha)
+            output = self.outbox.copy(first, job.rel_out)
+            etag = self.outbox.etag(output)
+        self.ledger.record_source(src.id, fingerprint=job.fingerprint, sha256=job.sha, key=job.key,
+                                  outcome="duplicate", output=output, detail=f"duplicate of {first}", output_etag=etag)
+        self._settled_now(job)
+        return Result(src, "duplicate", output, detail=f"same content as {self.outbox.name(first)}", sha256=job.sha)
 
-    def _fail(self, src, exc: InputRejected, sha, fingerprint, key, timings: dict) -> Result:
+    def _fail(self, job: "Job", exc: InputRejected) -> Result:
+        src = job.src
         record = {
-            "stage": exc.stage, "error": exc.code, "message": exc.message, "sha256": sha,
+            "stage": exc.stage, "error": exc.code, "message": exc.message, "sha256": job.sha,
             "model": self.spec.name, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "input": src.id, "retryable": False,
         }
-        where = self.failed.put_failure(src.rel, record, src, move=self.opt.disposition != "keep")
-        self.ledger.record_source(src.id, fingerprint=fingerprint, sha256=sha, key=key,
+        where = self.failed.put_failure(src.rel, record, job.data)  # the bytes read, never the path again
+        self.ledger.record_source(src.id, fingerprint=job.fingerprint, sha256=job.sha, key=job.key,
                                   outcome="failed", output=where, detail=exc.message)
+        prior = job.prior
+        if prior is not None and prior.outcome == "failed" and prior.output and prior.output != where:
+            try:
+                self.failed.remove_failure(prior.output)  # the new record replaces this source's old one
+            except Exception as remove_error:  # noqa: BLE001
+                log.warning("could not remove the earlier failure record %s: %s", prior.output, remove_error)
+        if self.opt.disposition != "keep" and job.data is not None:
+            src.dispose("delete")  # its bytes are in the failed place now: that is the move
         log.warning("failed %r at %s: %s", src.rel, exc.stage, exc.message)
-        return Result(src, "failed", where, f"{exc.stage}: {exc.message}", seconds=timings, sha256=sha)
+        return Result(src, "failed", where, f"{exc.stage}: {exc.message}", seconds=job.timings, sha256=job.sha)

@@ -18,7 +18,9 @@ class Settings(BaseSettings):
     outbox: str | None = None
     failed: str | None = None  # default: beside the outbox, named "failed"
     processed: str | None = None  # default: <inbox>/processed (only used with disposition=move)
-    ledger: Path | None = None  # local outbox: default <outbox>/.superres/ledger.sqlite3 (S3: beside the outputs)
+    # a SQLite file or an s3:// prefix; default: <outbox>/.superres/ledger.sqlite3, or for an S3 outbox
+    # s3://<outbox bucket>/.superres/ledger/<outbox prefix>/ (outside the outbox prefix: it holds outputs only)
+    ledger: str | None = None
     s3_endpoint_url: str | None = None  # moto, MinIO; default: AWS
     queue_url: str | None = None  # `superres worker`: the SQS queue
     batch_size: int = Field(1, ge=1, le=10)  # SQS messages received at a time
@@ -43,6 +45,8 @@ class Settings(BaseSettings):
     max_pixels: int = Field(50_000_000, ge=1)  # input width*height*frames, checked on the header
     max_side: int = Field(30_000, ge=1)
     min_side: int = Field(1, ge=1)
+    # the output, checked on the header before any pixel is decoded (width*height*frames after upscaling)
+    max_output_pixels: int = Field(300_000_000, ge=1)
 
     # output
     format: Literal["keep", "png", "jpeg", "webp", "tiff"] = "keep"
@@ -53,15 +57,18 @@ class Settings(BaseSettings):
     dedup: bool = True
     on_duplicate: Literal["copy", "record"] = "copy"  # copy the first output to the duplicate's name, or only record it
     disposition: Literal["keep", "move", "delete"] = "keep"  # what happens to an inbox file once it is settled
-    lease_s: float = Field(600.0, gt=0)  # a claim older than this (or whose process is gone) is taken over
+    lease_s: float = Field(600.0, gt=0)  # a claim not renewed for this long (or whose process is gone) is taken over
+    heartbeat_s: float = Field(0.0, ge=0)  # worker: SQS visibility renewal period; 0: a third of visibility_s
 
     # watch mode
     poll: bool = False
-    settle_s: float = Field(2.0, ge=0)
+    settle_s: float = Field(1.0, ge=0)  # quiet time after a writer's close before a file is taken
     rescan_s: float = Field(30.0, gt=0)
 
-    # watch and worker: /metrics and /healthz on 0.0.0.0:PORT (0: off); a port already taken is a warning
+    # watch and worker: /metrics and /healthz on METRICS_HOST:PORT (0: off); a port already taken is a warning.
+    # Loopback unless told otherwise: the container and the manifests say 0.0.0.0 explicitly.
     metrics_port: int = Field(9100, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
 
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -83,12 +90,49 @@ class Settings(BaseSettings):
             return f"s3://{bucket}/{parent + '/' if parent else ''}failed/"
         return str(Path(self.outbox).parent / "failed")
 
-    def ledger_path(self) -> Path:
+    def ledger_location(self) -> str:
+        """--ledger, or the default for the outbox: a SQLite file inside a local outbox's `.superres/`, or an
+        S3 prefix beside (never inside) an S3 outbox prefix."""
         if self.ledger:
             return self.ledger
         if self.outbox is None:
             raise ConfigError("no outbox: give --out/--outbox DIR (or SUPERRES_OUTBOX)")
-        return Path(self.outbox) / ".superres" / "ledger.sqlite3"
+        if self.outbox.startswith("s3://"):
+            bucket, _, prefix = self.outbox[5:].partition("/")
+            prefix = prefix.strip("/")
+            return f"s3://{bucket}/.superres/ledger/{prefix + '/' if prefix else ''}"
+        return str(Path(self.outbox) / ".superres" / "ledger.sqlite3")
+
+    def sqs_heartbeat_s(self) -> float:
+        return self.heartbeat_s or self.visibility_s / 3
+
+
+# SQS keeps a message invisible for 12 h at most
+SQS_MAX_VISIBILITY_S = 43_200
+# a message deferred for a busy claim comes back this long after the claim's lease could have run out
+CLAIM_MARGIN_S = 10.0
+
+
+def timing_problems(s: Settings, mode: str, *, max_receive_count: int | None = None) -> list[str]:
+    """Settings that cannot work together (pure): each a line saying which, why and what to do. Leases are
+    renewed every lease_s/3 in every mode; the worker's messages every heartbeat_s."""
+    problems = []
+    if s.lease_s < 3:
+        problems.append(f"lease_s={s.lease_s:g} is too short to be renewed in time (renewals every lease_s/3): "
+                        "use at least 3 s (default 600)")
+    if mode == "worker":
+        beat = s.sqs_heartbeat_s()
+        if beat * 2 > s.visibility_s:
+            problems.append(f"heartbeat_s={beat:g} must be at most half of visibility_s={s.visibility_s}: "
+                            "one missed heartbeat would make the message visible to other workers")
+        if s.lease_s + CLAIM_MARGIN_S > SQS_MAX_VISIBILITY_S:
+            problems.append(f"lease_s={s.lease_s:g} is too long: a message waiting for a busy claim is hidden for "
+                            f"the lease's remaining time, and SQS allows {SQS_MAX_VISIBILITY_S} s at most")
+        if max_receive_count is not None and max_receive_count < 3:
+            problems.append(f"the queue's redrive maxReceiveCount is {max_receive_count}: a message whose worker "
+                            "died needs 3 receives (the dead one, one deferred until the claim can be taken "
+                            "over, the take-over); use at least 3 (5 recommended)")
+    return problems
 
 
 def load_settings(**overrides) -> Settings:

@@ -373,7 +373,7 @@ def test_lambda_mode_through_awslambdaric(image, podman_env, moto_endpoint, cont
     logs = _logs(podman_env, container_name)
     assert kind == "response", f"{kind} ({error_type}): {body.decode(errors='replace')}\n{logs}"
     assert rid == request_id
-    assert json.loads(body) == {"results": {"done": 1, "duplicate": 0, "failed": 0, "skipped": 0, "retry": 0}}, logs
+    assert json.loads(body) == {"results": {"done": 1, "duplicate": 0, "failed": 0, "skipped": 0, "retry": 0, "lost-claim": 0}}, logs
     out = s3.get_object(Bucket=bucket, Key="out/a bird.png")["Body"].read()
     sr = cv2.imdecode(np.frombuffer(out, np.uint8), cv2.IMREAD_UNCHANGED)
     lr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)

@@ -383,7 +383,7 @@ def test_stack_deploys_into_moto_and_a_worker_drains_its_queue(moto_endpoint, tm
     assert int(dead[0]["Attributes"]["ApproximateReceiveCount"]) >= 2
     # everything the worker wrote is within what the worker policy allows (ledger included)
     written = keys(s3, outbox)
-    assert any(k.startswith("upscaled/.superres/ledger/") for k in written)
+    assert any(k.startswith(".superres/ledger/upscaled/") for k in written)
     for key in written:
         assert allowed(policy, "s3:PutObject", f"arn:aws:s3:::{outbox}/{key}"), key
     for key in ("incoming/photo.png", "incoming/page.png"):

@@ -86,7 +86,7 @@ def test_one_shot_on_s3_uris(aws):
     assert s3.get_object(Bucket="outbox", Key="failed/broken.png")["Body"].read() == b"<html>not an image</html>"
     # again: nothing new is upscaled (the S3 ledger remembers)
     assert main(["upscale", "s3://inbox/photos/sub/", "--out", "s3://outbox/up/", "--failed", "s3://outbox/failed/"]) == 0
-    ledger = S3Ledger(client("s3", endpoint), "outbox", "up/.superres/ledger/")
+    ledger = S3Ledger(client("s3", endpoint), "outbox", ".superres/ledger/up/")
     assert ledger.stats()["engine_runs"] == 3
 
 
@@ -139,7 +139,7 @@ def test_lambda_handler_on_sqs_messages_from_real_notifications(aws, monkeypatch
     # outputs in the outbox prefix never become work (loop guard), even if notified
     loop = {"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put", "s3": {
         "bucket": {"name": "outbox"}, "object": {"key": "done/b.png", "size": 1}}}]}
-    assert lam.handler(loop, FakeContext(60_000)) == {"results": {"done": 0, "duplicate": 0, "failed": 0, "skipped": 0, "retry": 0}}
+    assert lam.handler(loop, FakeContext(60_000)) == {"results": {"done": 0, "duplicate": 0, "failed": 0, "skipped": 0, "retry": 0, "lost-claim": 0}}
     # the same event again (SQS delivers at least once): nothing upscaled twice
     assert lam.handler(event, FakeContext(60_000)) == {"batchItemFailures": []}
     assert lam._processor.ledger.stats()["engine_runs"] == 2
@@ -235,7 +235,7 @@ def test_workers_upscale_each_content_once_and_survive_a_sigkill(aws, tmp_path):
     # no --inbox given to the workers: outputs keep the whole input key below the outbox prefix
     assert outputs(s3) == {f"done/drop/{i}.png" for i in range(7)} | {f"done/drop/again-{i}.png" for i in range(3)}
     assert keys(s3, "outbox", "failed/") == {"failed/drop/bad.png", "failed/drop/bad.png.error.json"}
-    stats = S3Ledger(client("s3", endpoint), "outbox", "done/.superres/ledger/").stats()
+    stats = S3Ledger(client("s3", endpoint), "outbox", ".superres/ledger/done/").stats()
     assert stats["max_engine_runs"] == 1 and stats["engine_runs"] == 7  # each distinct content upscaled once
     assert "upscaling source=s3://inbox/drop/6.png" in logs[1 - victim].read_text() + logs[2].read_text()
     assert queue_depth(sqs, dlq) == 0
@@ -264,5 +264,5 @@ def test_s3_inbox_watch_takes_each_object_once_across_restarts(aws, tmp_path):
     run_until({f"done/{i}.png" for i in range(3)})
     s3.put_object(Bucket="inbox", Key="watch/3.png", Body=data[3])
     run_until({f"done/{i}.png" for i in range(4)})
-    stats = S3Ledger(client("s3", endpoint), "outbox", "done/.superres/ledger/").stats()
+    stats = S3Ledger(client("s3", endpoint), "outbox", ".superres/ledger/done/").stats()
     assert stats["engine_runs"] == 4

@@ -11,7 +11,7 @@ import pytest
 from moto_server import client
 from pipeline.adapters.s3_ledger import S3Ledger, _Conflict
 from pipeline.errors import TransientError
-from pipeline.ledger import ClaimOutcome
+from pipeline.ledger import ClaimLost, ClaimOutcome
 
 BUCKET = "ledger-bucket"
 PREFIX = "done/.superres/ledger/"
@@ -53,20 +53,22 @@ def test_life_of_an_item(s3):
     assert led.owner.count(":") == 2  # host:pid:random
     outcome, row = led.claim("k", source="/in/a", output="/out/a")
     assert outcome is ClaimOutcome.NEW and row.state == "claimed" and row.owner == led.owner and row.attempts == 1
-    led.mark_publishing("k", "/tmp/x")
+    assert row.generation == 1 and led.renew("k", 1)
+    led.mark_publishing("k", 1, "/tmp/x")
     assert led.item("k").state == "publishing" and led.item("k").temp == "/tmp/x"
-    led.mark_done("k", source="/in/a", fingerprint="3:7", sha256="ab", output="/out/a")
+    led.mark_done("k", 1, source="/in/a", fingerprint="3:7|r", sha256="ab", output="/out/a", output_etag="e1")
     outcome, found = led.claim("k", source="/in/b", output="/out/b")
-    assert outcome is ClaimOutcome.DUPLICATE and found.output == "/out/a"
-    assert led.settled("/in/a", "3:7") == "done"
-    assert led.settled("/in/a", "3:8") is None  # changed file: not settled
-    assert led.settled("/in/zzz", "3:7") is None
+    assert outcome is ClaimOutcome.DUPLICATE and found.output == "/out/a" and found.output_etag == "e1"
+    source = led.source("/in/a")
+    assert (source.outcome, source.fingerprint, source.output_etag) == ("done", "3:7|r", "e1")
+    assert led.source("/in/zzz") is None
+    assert led.claim_output("/out/a", "/in/a") == "/in/a" and led.claim_output("/out/a", "/in/a2") == "/in/a"
     assert led.item("k").engine_runs == 1 and led.item("k").temp is None
     led.record_source("/in/b", fingerprint="1:1", sha256="ab", key="k", outcome="duplicate", output="/out/a", detail=None)
     assert led.stats() == {"items": {"done": 1}, "sources": {"done": 1, "duplicate": 1},
                            "max_engine_runs": 1, "engine_runs": 1}
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]]
-    assert all(k.startswith(PREFIX + "items/") or k.startswith(PREFIX + "sources/") for k in keys)
+    assert all(k.startswith((PREFIX + "items/", PREFIX + "sources/", PREFIX + "outputs/")) for k in keys)
     led.close()
 
 
@@ -80,7 +82,7 @@ def test_an_expired_claim_is_taken_over_and_a_live_one_is_not(s3):
     first = ledger(s3, "machine-a:1:aaaaaa", lease_s=1.5)  # margin for a loaded machine
     second = ledger(s3, "machine-b:1:bbbbbb")
     first.claim("k", source="/in/a", output="/out/a")
-    first.mark_publishing("k", "/tmp/t")
+    first.mark_publishing("k", 1, "/tmp/t")
     first.claim("j", source="/in/j", output="/out/j")
     assert second.claim("k", source="/in/a", output="/out/a")[0] is ClaimOutcome.BUSY  # lease running
     assert second.orphaned_publishes() == []
@@ -93,9 +95,11 @@ def test_an_expired_claim_is_taken_over_and_a_live_one_is_not(s3):
     assert outcome is ClaimOutcome.NEW and found.owner == second.owner and found.attempts == 2
 
     # the first machine comes back late: its writes must not touch what it no longer owns
-    first.mark_publishing("j", "/tmp/late")
-    first.release("j")
-    first.renew("j")
+    with pytest.raises(ClaimLost):
+        first.mark_publishing("j", 1, "/tmp/late")
+    first.release("j", 1)
+    assert not first.renew("j", 1)
+    assert found.generation == 2
     assert second.item("j").state == "claimed" and second.item("j").owner == second.owner
     assert second.item("j").lease_until > time.time() + 500
 
@@ -111,9 +115,9 @@ def test_renew_keeps_a_claim_from_being_taken_over(s3):
     holder.claim("k", source="/in/a", output="/out/a")
     for _ in range(4):  # 2 s in all: well past the first lease
         time.sleep(0.5)
-        holder.renew("k")
+        assert holder.renew("k", 1)
     assert other.claim("k", source="/in/a", output="/out/a")[0] is ClaimOutcome.BUSY
-    other.renew("k")  # not ours: no effect
+    assert not other.renew("k", 1)  # not ours: no effect
     assert other.item("k").owner == holder.owner
     time.sleep(1.6)  # no more heartbeats: now it can be taken
     assert other.claim("k", source="/in/a", output="/out/a")[0] is ClaimOutcome.NEW
@@ -123,22 +127,25 @@ def test_release_and_reopen(s3):
     led = ledger(s3, "machine-a:1:aaaaaa")
     other = ledger(s3, "machine-b:1:bbbbbb")
     led.claim("k", source="/in/a", output="/out/a")
-    other.release("k")  # not other's claim
+    other.release("k", 1)  # not other's claim
     assert led.item("k") is not None
-    led.release("k")
+    led.release("k", 1)
     assert led.item("k") is None
-    led.release("k")  # nothing left: no error
-    led.claim("k", source="/in/a", output="/out/a")
-    led.mark_done("k", source="/in/a", fingerprint="1:1", sha256="ab", output="/out/a")
+    led.release("k", 1)  # nothing left: no error
+    _, row = led.claim("k", source="/in/a", output="/out/a")
+    led.mark_done("k", row.generation, source="/in/a", fingerprint="1:1", sha256="ab", output="/out/a",
+                  output_etag="e")
     led.release_any("k")  # never drops a done row
-    led.release("k")
+    led.release("k", row.generation)
     assert led.item("k").state == "done"
-    led.reopen("k")
+    led.reopen("k", row.generation + 1)  # another generation's row: left
+    assert led.item("k").state == "done"
+    led.reopen("k", row.generation)
     assert led.item("k") is None
-    assert led.claim("k", source="/in/a", output="/out/a")[0] is ClaimOutcome.NEW
-    led.reopen("k")  # only done rows are reopened
+    _, row = led.claim("k", source="/in/a", output="/out/a")
+    led.reopen("k", row.generation)  # only done rows are reopened
     assert led.item("k").state == "claimed"
-    led.mark_publishing("k", "/tmp/t")
+    led.mark_publishing("k", row.generation, "/tmp/t")
     other.release_any("k")  # recovery drops a not-done row whoever holds it
     assert led.item("k") is None
 
@@ -146,11 +153,11 @@ def test_release_and_reopen(s3):
 def test_mark_item_done_finishes_an_orphaned_publish(s3):
     led = ledger(s3, "machine-a:1:aaaaaa", lease_s=1.5)  # margin for a loaded machine
     led.claim("k", source="/in/a", output="/out/a")
-    led.mark_publishing("k", "/tmp/t")
+    led.mark_publishing("k", 1, "/tmp/t")
     time.sleep(1.6)
     recovery = ledger(s3, "machine-b:1:bbbbbb")
     [row] = recovery.orphaned_publishes()
-    recovery.mark_item_done(row.key)
+    recovery.mark_item_done(row.key, "e")
     assert recovery.item("k").state == "done" and recovery.item("k").temp is None
     assert recovery.orphaned_publishes() == []
 
@@ -163,12 +170,12 @@ def test_a_stale_etag_is_a_conflict(s3):
     row, etag = a._read(okey)
     with pytest.raises(_Conflict):
         a._write(okey, row, None)  # create, but it exists
-    a.renew("k")  # changes the ETag
+    a.renew("k", 1)  # changes the ETag
     with pytest.raises(_Conflict):
         a._write(okey, row, etag)
     with pytest.raises(_Conflict):
         a._delete(okey, etag)
-    a.release("k")
+    a.release("k", 1)
     with pytest.raises(_Conflict):
         a._write(okey, row, etag)  # IfMatch on a deleted row
 

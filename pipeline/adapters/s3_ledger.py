@@ -1,11 +1,13 @@
 """The ledger in S3 alone (no database): shared by many workers on many machines.
 
-One small JSON object per item at `{prefix}items/{sha256(key)}.json`. Every transition is
+One small JSON object per item at `{prefix}items/{sha256(key)}.json`, kept under its own prefix (by default
+`s3://OUTBOX-BUCKET/.superres/ledger/<outbox prefix>/`), never among the outputs. Every transition is
 read (body + ETag) -> apply the rules of `pipeline.ledger` -> conditional write:
 `IfNoneMatch="*"` to create a row, `IfMatch=etag` to change or delete one. A 412 means another
 worker moved first; we re-read and decide again (a bounded loop), so each dedup key is claimed by
 exactly one worker at a time. Sources (`{prefix}sources/{sha256(source)}.json`) are plain PUTs:
-the last writer wins, as with SQLite's INSERT OR REPLACE.
+the last writer wins, as with SQLite's INSERT OR REPLACE. Outputs (`{prefix}outputs/{sha256(url)}.json`) are
+created once with `IfNoneMatch="*"`: the first source to write an output name owns it.
 
 Owners are `host:pid:random`; S3 cannot see other hosts' processes, so a claim is judged by its
 lease alone (keep it alive with `renew`).
@@ -24,7 +26,7 @@ from dataclasses import asdict, replace
 from botocore.exceptions import BotoCoreError, ClientError
 
 from pipeline.errors import TransientError
-from pipeline.ledger import ClaimOutcome, ItemRow, decide_claim
+from pipeline.ledger import ClaimLost, ClaimOutcome, ItemRow, SourceRow, decide_claim, holds
 
 _TRIES = 20  # conditional-write retries before giving up; losers of a race need one or two
 _CONFLICT_STATUS = {412, 409}  # 409 ConditionalRequestConflict: real S3's answer to concurrent conditional writes
@@ -127,24 +129,25 @@ class S3Ledger:
     def _backoff(attempt: int) -> None:
         time.sleep(random.uniform(0, 0.005 * (attempt + 1)))  # jitter so racing workers do not collide again
 
-    def _change(self, key: str, change: Callable[[ItemRow], ItemRow | object | None]) -> None:
-        """Read-modify-write one existing row: `change` returns the new row, _DELETE, or None (leave it)."""
+    def _change(self, key: str, change: Callable[[ItemRow], ItemRow | object | None]) -> bool:
+        """Read-modify-write one existing row: `change` returns the new row, _DELETE, or None (leave it).
+        True when the change was written; False when there was no row or `change` left it."""
         okey = self._item_key(key)
         for attempt in range(_TRIES):
             known = self._known.get(okey) if attempt == 0 else None
             row, etag = known if known else self._read(okey)
             if row is None:
-                return
+                return False
             new = change(row)
             if new is None:
-                return
+                return False
             try:
                 if new is _DELETE:
                     self._known.pop(okey, None)
                     self._delete(okey, etag)
                 else:
                     self._write(okey, new, etag)
-                return
+                return True
             except _Conflict:
                 self._backoff(attempt)
         raise TransientError(f"S3 ledger: {key} kept changing under us ({_TRIES} tries)", stage="dedup")
@@ -161,9 +164,10 @@ class S3Ledger:
             if outcome is ClaimOutcome.NEW:
                 new = ItemRow(key=key, state="claimed", owner=self.owner, lease_until=now + self.lease_s, output=output,
                               temp=None, source=source, engine_runs=row.engine_runs if row else 0,
-                              attempts=(row.attempts if row else 0) + 1)
+                              attempts=(row.attempts if row else 0) + 1,
+                              generation=(row.generation if row else 0) + 1)
             elif outcome is ClaimOutcome.RESUME_PUBLISH:
-                new = replace(row, owner=self.owner, lease_until=now + self.lease_s)
+                new = replace(row, owner=self.owner, lease_until=now + self.lease_s, generation=row.generation + 1)
             else:  # DUPLICATE or BUSY: nothing to write
                 return outcome, row
             try:
@@ -173,45 +177,76 @@ class S3Ledger:
                 self._backoff(attempt)  # someone moved first: their row decides on the next read
         raise TransientError(f"S3 ledger: the claim on {key} kept changing ({_TRIES} tries)", stage="dedup")
 
-    def renew(self, key: str) -> None:
-        self._change(key, lambda r: replace(r, lease_until=time.time() + self.lease_s) if r.owner == self.owner else None)
+    def _ours(self, generation: int):
+        return lambda r: holds(r, self.owner, generation)
 
-    def mark_publishing(self, key: str, temp: str | None) -> None:
-        self._change(key, lambda r: replace(r, state="publishing", temp=temp, engine_runs=r.engine_runs + 1)
-                     if r.owner == self.owner else None)
+    def renew(self, key: str, generation: int) -> bool:
+        ours = self._ours(generation)
+        return self._change(key, lambda r: replace(r, lease_until=time.time() + self.lease_s) if ours(r) else None)
 
-    def mark_done(self, key: str, *, source: str, fingerprint: str | None, sha256: str, output: str) -> None:
+    def mark_publishing(self, key: str, generation: int, temp: str | None) -> None:
+        ours = self._ours(generation)
+        if not self._change(key, lambda r: replace(r, state="publishing", temp=temp, engine_runs=r.engine_runs + 1,
+                                                   lease_until=time.time() + self.lease_s) if ours(r) else None):
+            raise ClaimLost(f"the claim on {key} was taken over before publishing")
+
+    def mark_done(self, key: str, generation: int, *, source: str, fingerprint: str | None, sha256: str,
+                  output: str, output_etag: str) -> None:
         # two writes where SQLite has one transaction: a crash between them leaves the source unsettled,
-        # and the next look at it finds the item done (a duplicate), which settles it then
-        self._change(key, lambda r: replace(r, state="done", temp=None, output=output))
+        # and the next look at it finds the item done (a duplicate of itself), which settles it then
+        ours = self._ours(generation)
+        if not self._change(key, lambda r: replace(r, state="done", temp=None, output=output, output_etag=output_etag)
+                            if ours(r) else None):
+            raise ClaimLost(f"the claim on {key} was taken over before it was done")
         self.record_source(source, fingerprint=fingerprint, sha256=sha256, key=key, outcome="done",
-                           output=output, detail=None)
+                           output=output, detail=None, output_etag=output_etag)
 
-    def mark_item_done(self, key: str) -> None:
-        self._change(key, lambda r: replace(r, state="done", temp=None))
+    def mark_item_done(self, key: str, output_etag: str) -> None:
+        self._change(key, lambda r: replace(r, state="done", temp=None, output_etag=output_etag))
 
-    def reopen(self, key: str) -> None:
-        self._change(key, lambda r: _DELETE if r.state == "done" else None)
+    def reopen(self, key: str, generation: int) -> None:
+        self._change(key, lambda r: _DELETE if r.state == "done" and r.generation == generation else None)
 
-    def release(self, key: str) -> None:
-        self._change(key, lambda r: _DELETE if r.owner == self.owner and r.state == "claimed" else None)
+    def release(self, key: str, generation: int) -> None:
+        ours = self._ours(generation)
+        self._change(key, lambda r: _DELETE if ours(r) else None)
 
     def release_any(self, key: str) -> None:
         self._change(key, lambda r: _DELETE if r.state != "done" else None)
 
     def record_source(self, source: str, *, fingerprint: str | None, sha256: str | None, key: str | None,
-                      outcome: str, output: str | None, detail: str | None) -> None:
+                      outcome: str, output: str | None, detail: str | None, output_etag: str | None = None) -> None:
         body = json.dumps({"source": source, "fingerprint": fingerprint, "sha256": sha256, "key": key,
-                           "outcome": outcome, "output": output, "detail": detail, "updated": time.time()}).encode()
+                           "outcome": outcome, "output": output, "output_etag": output_etag, "detail": detail,
+                           "updated": time.time()}).encode()
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._source_key(source), Body=body,
                                    ContentType="application/json")
         except (ClientError, BotoCoreError, OSError) as exc:
             raise _transient(exc, f"record the source {source}") from exc
 
-    def settled(self, source: str, fingerprint: str) -> str | None:
+    def source(self, source: str) -> SourceRow | None:
         body, _ = self._get_json(self._source_key(source))
-        return body["outcome"] if body is not None and body.get("fingerprint") == fingerprint else None
+        if body is None:
+            return None
+        return SourceRow(source=body["source"], fingerprint=body.get("fingerprint"), sha256=body.get("sha256"),
+                         key=body.get("key"), outcome=body["outcome"], output=body.get("output"),
+                         output_etag=body.get("output_etag"), detail=body.get("detail"))
+
+    def claim_output(self, output: str, source: str) -> str:
+        okey = f"{self.prefix}outputs/{_sha(output)}.json"
+        body = json.dumps({"output": output, "source": source}).encode()
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=okey, Body=body, ContentType="application/json",
+                                   IfNoneMatch="*")
+            return source
+        except ClientError as exc:
+            if _status(exc) not in _CONFLICT_STATUS:
+                raise _transient(exc, f"record the writer of {output}") from exc
+        except (BotoCoreError, OSError) as exc:
+            raise _transient(exc, f"record the writer of {output}") from exc
+        found, _ = self._get_json(okey)  # someone has it: who?
+        return found["source"] if found else source
 
     def orphaned_publishes(self) -> list[ItemRow]:
         """Rows left in `publishing` whose lease ran out (one GET per item row: meant for start-up)."""

@@ -8,7 +8,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.ledger import ClaimOutcome, ItemRow, decide_claim
+from pipeline.ledger import ClaimLost, ClaimOutcome, ItemRow, SourceRow, decide_claim
+
+SCHEMA_VERSION = 2  # ledgers of version 1 keyed items without the output's settings: they are started anew
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -21,19 +23,29 @@ CREATE TABLE IF NOT EXISTS items (
     source TEXT NOT NULL,
     engine_runs INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
+    generation INTEGER NOT NULL DEFAULT 0,
+    output_etag TEXT,
     updated REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sources (
     source TEXT PRIMARY KEY,
-    fingerprint TEXT,        -- cheap identity of the source as seen: size:mtime_ns (files), size:etag (S3)
+    fingerprint TEXT,        -- the source as seen (size:mtime_ns, size:etag) | the request's settings
     sha256 TEXT,
     key TEXT,
     outcome TEXT NOT NULL,   -- done | duplicate | failed
     output TEXT,
+    output_etag TEXT,
     detail TEXT,
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS outputs (
+    output TEXT PRIMARY KEY,
+    source TEXT NOT NULL     -- the one input that writes this output
+);
 """
+
+_ITEM_COLUMNS = "key, state, owner, lease_until, output, temp, source, engine_runs, attempts, generation, output_etag"
+_SOURCE_COLUMNS = "source, fingerprint, sha256, key, outcome, output, output_etag, detail"
 
 
 def this_owner() -> str:
@@ -67,15 +79,22 @@ class SQLiteLedger:
         self._db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a row must not outlive a power cut less than its output
-        self._db.executescript(SCHEMA)
         self._lock = threading.RLock()
+        with self._tx() as db:
+            if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                db.execute("DROP TABLE IF EXISTS items")
+                db.execute("DROP TABLE IF EXISTS sources")
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._db.close()
 
     @contextmanager
     def _tx(self):
-        # one connection serves the reader, engine and writer threads (pipeline/overlap.py): one at a time
+        # one connection serves the reader, engine, writer and renewer threads: one at a time
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -86,10 +105,7 @@ class SQLiteLedger:
             self._db.execute("COMMIT")
 
     def _row(self, db, key: str) -> ItemRow | None:
-        r = db.execute(
-            "SELECT key, state, owner, lease_until, output, temp, source, engine_runs, attempts FROM items WHERE key=?",
-            (key,),
-        ).fetchone()
+        r = db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE key=?", (key,)).fetchone()
         return ItemRow(*r) if r else None
 
     def claim(self, key: str, *, source: str, output: str) -> tuple[ClaimOutcome, ItemRow | None]:
@@ -99,86 +115,99 @@ class SQLiteLedger:
             outcome = decide_claim(row, owner=self.owner, now=now, owner_alive=row is not None and owner_alive(row.owner))
             if outcome is ClaimOutcome.NEW:
                 db.execute(
-                    "INSERT INTO items (key, state, owner, lease_until, output, temp, source, engine_runs, attempts, updated)"
-                    " VALUES (?, 'claimed', ?, ?, ?, NULL, ?, 0, 1, ?)"
+                    "INSERT INTO items (key, state, owner, lease_until, output, temp, source, engine_runs, attempts,"
+                    " generation, output_etag, updated) VALUES (?, 'claimed', ?, ?, ?, NULL, ?, 0, 1, 1, NULL, ?)"
                     " ON CONFLICT(key) DO UPDATE SET state='claimed', owner=excluded.owner, lease_until=excluded.lease_until,"
-                    " output=excluded.output, temp=NULL, source=excluded.source, attempts=items.attempts+1, updated=excluded.updated",
+                    " output=excluded.output, temp=NULL, source=excluded.source, attempts=items.attempts+1,"
+                    " generation=items.generation+1, output_etag=NULL, updated=excluded.updated",
                     (key, self.owner, now + self.lease_s, output, source, now),
                 )
             elif outcome is ClaimOutcome.RESUME_PUBLISH:
-                db.execute("UPDATE items SET owner=?, lease_until=?, updated=? WHERE key=?",
+                db.execute("UPDATE items SET owner=?, lease_until=?, generation=generation+1, updated=? WHERE key=?",
                            (self.owner, now + self.lease_s, now, key))
             return outcome, self._row(db, key)
 
-    def renew(self, key: str) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE items SET lease_until=? WHERE key=? AND owner=?", (time.time() + self.lease_s, key, self.owner))
+    def _fenced(self, db, sql: str, params: tuple, key: str, generation: int) -> int:
+        """Run an UPDATE/DELETE that names our claim; the row count says whether it still was ours."""
+        return db.execute(sql + " WHERE key=? AND owner=? AND generation=? AND state!='done'",
+                          (*params, key, self.owner, generation)).rowcount
 
-    def mark_publishing(self, key: str, temp: str | None) -> None:
+    def renew(self, key: str, generation: int) -> bool:
         with self._tx() as db:
-            db.execute(
-                "UPDATE items SET state='publishing', temp=?, engine_runs=engine_runs+1, updated=? WHERE key=? AND owner=?",
-                (temp, time.time(), key, self.owner),
-            )
+            return self._fenced(db, "UPDATE items SET lease_until=?", (time.time() + self.lease_s,), key, generation) == 1
 
-    def mark_done(self, key: str, *, source: str, fingerprint: str | None, sha256: str, output: str) -> None:
+    def mark_publishing(self, key: str, generation: int, temp: str | None) -> None:
+        with self._tx() as db:
+            changed = self._fenced(db, "UPDATE items SET state='publishing', temp=?, engine_runs=engine_runs+1,"
+                                       " lease_until=?, updated=?", (temp, time.time() + self.lease_s, time.time()),
+                                   key, generation)
+            if changed != 1:
+                raise ClaimLost(f"the claim on {key} was taken over before publishing")
+
+    def mark_done(self, key: str, generation: int, *, source: str, fingerprint: str | None, sha256: str,
+                  output: str, output_etag: str) -> None:
         now = time.time()
         with self._tx() as db:
-            db.execute("UPDATE items SET state='done', temp=NULL, output=?, updated=? WHERE key=?", (output, now, key))
-            self._settle(db, source, fingerprint, sha256, key, "done", output, None, now)
+            changed = self._fenced(db, "UPDATE items SET state='done', temp=NULL, output=?, output_etag=?, updated=?",
+                                   (output, output_etag, now), key, generation)
+            if changed != 1:
+                raise ClaimLost(f"the claim on {key} was taken over before it was done")
+            self._settle(db, source, fingerprint, sha256, key, "done", output, output_etag, None, now)
 
-    def reopen(self, key: str) -> None:
-        """The done item's output is gone (deleted by someone): forget it so the next claim upscales again."""
+    def reopen(self, key: str, generation: int) -> None:
+        """The done item's output is gone or replaced: forget it so the next claim upscales again."""
         with self._tx() as db:
-            db.execute("DELETE FROM items WHERE key=? AND state='done'", (key,))
+            db.execute("DELETE FROM items WHERE key=? AND state='done' AND generation=?", (key, generation))
 
     def orphaned_publishes(self) -> list[ItemRow]:
         """Items left in `publishing` by an owner that is gone."""
-        rows = self._db.execute(
-            "SELECT key, state, owner, lease_until, output, temp, source, engine_runs, attempts FROM items"
-            " WHERE state='publishing'"
-        ).fetchall()
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE state='publishing'").fetchall()
         return [ItemRow(*r) for r in rows if not owner_alive(r[2]) or r[3] < time.time()]
 
-    def mark_item_done(self, key: str) -> None:
+    def mark_item_done(self, key: str, output_etag: str) -> None:
         with self._tx() as db:
-            db.execute("UPDATE items SET state='done', temp=NULL, updated=? WHERE key=?", (time.time(), key))
+            db.execute("UPDATE items SET state='done', temp=NULL, output_etag=?, updated=? WHERE key=?",
+                       (output_etag, time.time(), key))
 
     def release_any(self, key: str) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM items WHERE key=? AND state!='done'", (key,))
 
-    def release(self, key: str) -> None:
+    def release(self, key: str, generation: int) -> None:
         """Give a claim back (permanent failure, or a transient one to retry later)."""
         with self._tx() as db:
-            db.execute("DELETE FROM items WHERE key=? AND owner=? AND state='claimed'", (key, self.owner))
+            self._fenced(db, "DELETE FROM items", (), key, generation)
 
     def record_source(self, source: str, *, fingerprint: str | None, sha256: str | None, key: str | None,
-                      outcome: str, output: str | None, detail: str | None) -> None:
+                      outcome: str, output: str | None, detail: str | None, output_etag: str | None = None) -> None:
         with self._tx() as db:
-            self._settle(db, source, fingerprint, sha256, key, outcome, output, detail, time.time())
+            self._settle(db, source, fingerprint, sha256, key, outcome, output, output_etag, detail, time.time())
 
     @staticmethod
-    def _settle(db, source, fingerprint, sha256, key, outcome, output, detail, now) -> None:
+    def _settle(db, source, fingerprint, sha256, key, outcome, output, output_etag, detail, now) -> None:
         db.execute(
-            "INSERT OR REPLACE INTO sources (source, fingerprint, sha256, key, outcome, output, detail, updated)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (source, fingerprint, sha256, key, outcome, output, detail, now),
+            f"INSERT OR REPLACE INTO sources ({_SOURCE_COLUMNS}, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (source, fingerprint, sha256, key, outcome, output, output_etag, detail, now),
         )
 
-    def settled(self, source: str, fingerprint: str) -> str | None:
-        """The outcome already recorded for this source as it is now (same fingerprint), if any."""
+    def source(self, source: str) -> SourceRow | None:
         with self._lock:
-            r = self._db.execute("SELECT outcome FROM sources WHERE source=? AND fingerprint=?",
-                                 (source, fingerprint)).fetchone()
-        return r[0] if r else None
+            r = self._db.execute(f"SELECT {_SOURCE_COLUMNS} FROM sources WHERE source=?", (source,)).fetchone()
+        return SourceRow(*r) if r else None
+
+    def claim_output(self, output: str, source: str) -> str:
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO outputs (output, source) VALUES (?, ?)", (output, source))
+            return db.execute("SELECT source FROM outputs WHERE output=?", (output,)).fetchone()[0]
 
     def item(self, key: str) -> ItemRow | None:
         with self._lock:
             return self._row(self._db, key)
 
     def stats(self) -> dict:
-        items = dict(self._db.execute("SELECT state, COUNT(*) FROM items GROUP BY state").fetchall())
-        sources = dict(self._db.execute("SELECT outcome, COUNT(*) FROM sources GROUP BY outcome").fetchall())
-        runs = self._db.execute("SELECT COALESCE(MAX(engine_runs), 0), COALESCE(SUM(engine_runs), 0) FROM items").fetchone()
+        with self._lock:
+            items = dict(self._db.execute("SELECT state, COUNT(*) FROM items GROUP BY state").fetchall())
+            sources = dict(self._db.execute("SELECT outcome, COUNT(*) FROM sources GROUP BY outcome").fetchall())
+            runs = self._db.execute("SELECT COALESCE(MAX(engine_runs), 0), COALESCE(SUM(engine_runs), 0) FROM items").fetchone()
         return {"items": items, "sources": sources, "max_engine_runs": runs[0], "engine_runs": runs[1]}
