@@ -39,6 +39,7 @@ def test_every_bad_file_is_set_aside_with_a_reason_and_good_files_still_done(tmp
         assert record["error"] == code, record
         assert WORDS[code] in record["message"].lower(), record
         assert set(record) >= {"stage", "error", "message", "sha256", "model", "time"}
+        assert record["input_kept"] is True, record
         assert (failed / name).read_bytes() == (inbox / name).read_bytes()  # a copy, untouched; the input stays
         assert not (out / name).exists()
     assert cv2.imread(str(out / "good.png")).shape == (good.shape[0] * 2, good.shape[1] * 2, 3)
@@ -64,15 +65,34 @@ def test_min_side_refuses_tiny_images_with_a_stated_reason(tmp_path):
     assert "smaller than the minimum side of 8" in reason(tmp_path / "failed", "dot.png")["message"]
 
 
-def test_symlink_out_of_the_folder_is_refused(tmp_path):
+def test_symlinks_are_refused_wherever_they_point_and_left_in_place(tmp_path):
     inbox, outside = tmp_path / "in", tmp_path / "secret.png"
     inbox.mkdir()
     cv2.imwrite(str(outside), np.zeros((8, 8, 3), np.uint8))
+    cv2.imwrite(str(inbox / "real.png"), np.full((8, 8, 3), 90, np.uint8))
     os.symlink(outside, inbox / "link.png")
+    os.symlink(inbox / "real.png", inbox / "inside.png")
     assert main(["upscale", str(inbox), "--out", str(tmp_path / "o"), *MODEL]) == 1
-    record = reason(tmp_path / "failed", "link.png")
-    assert record["error"] == "symlink_outside" and "outside" in record["message"]
-    assert (inbox / "link.png").is_symlink() and outside.exists()
+    for name in ("link.png", "inside.png"):
+        record = reason(tmp_path / "failed", name)
+        assert record["error"] == "symlink" and "left where it is" in record["message"], record
+        assert record["input_kept"] is False
+        assert not (tmp_path / "failed" / name).exists() and not (tmp_path / "o" / name).exists()
+        assert (inbox / name).is_symlink()
+    assert (tmp_path / "o" / "real.png").exists() and outside.exists()
+
+
+def test_a_later_failure_of_the_same_name_never_overwrites_an_earlier_record(tmp_path):
+    """Two sources named link.png in two runs, neither with bytes to keep: two records side by side."""
+    failed = tmp_path / "failed"
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        os.symlink(tmp_path / "nowhere.png", tmp_path / folder / "link.png")
+        assert main(["upscale", str(tmp_path / folder / "link.png"), "--out", str(tmp_path / "o"), *MODEL]) == 1
+    records = sorted(p.name for p in failed.glob("*.error.json"))
+    assert records == ["link (2).png.error.json", "link.png.error.json"]
+    assert {json.loads((failed / r).read_text())["input"] for r in records} == \
+        {str(tmp_path / "a" / "link.png"), str(tmp_path / "b" / "link.png")}
 
 
 def test_names_with_spaces_unicode_and_newlines(tmp_path):

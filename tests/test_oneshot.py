@@ -83,3 +83,56 @@ def test_progress_lines_and_summary_when_not_a_terminal(tmp_path, small_images, 
     assert captured.err.count("done ") >= 3
     assert "output Mpx/s" in captured.out
     assert np.all([cv2.imread(str(tmp_path / "o" / p.name)) is not None for p in small_images[:3]])
+
+
+# -- inputs never harmed, outputs never taken back in ------------------------------------------------------------
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_out_equal_to_an_input_folder_is_refused_and_the_inputs_stay_as_they_were(tmp_path, small_images, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in small_images[:3]:
+        shutil.copy(path, photos / path.name)
+    before = snapshot(photos)
+    name = small_images[0].name
+    for argv in ([str(photos)], [str(photos / "."), str(photos / name)], [str(photos / name)], [str(photos / "*")]):
+        assert main(["upscale", *argv, "--out", str(photos), *MODEL]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("superres: error:"), err
+        assert "where this run writes" in err
+        assert snapshot(photos) == before
+    # the way out the message suggests
+    assert main(["upscale", str(photos), "--out", str(photos / "upscaled"), *MODEL]) == 0
+    assert visible_files(photos / "upscaled") == sorted(p.name for p in small_images[:3])
+
+
+def test_out_inside_the_input_folder_three_times_takes_no_output_back_in(tmp_path, small_images, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in small_images[:2]:
+        shutil.copy(path, photos / path.name)
+    (photos / "broken.png").write_bytes(b"<html>not an image</html>")
+    args = ["upscale", str(photos), "--out", str(photos / "up"), *MODEL]  # failed/ defaults to photos/failed
+
+    assert main(args) == 1
+    assert "done 2, duplicate 0, failed 1" in capsys.readouterr().out
+    first = snapshot(photos)
+    assert visible_files(photos / "up") == sorted(p.name for p in small_images[:2])
+    assert visible_files(photos / "failed") == ["broken.png", "broken.png.error.json"]
+    for _ in range(2):
+        main(args)
+        assert "done 0, duplicate 0, failed 0, already done 3" in capsys.readouterr().out
+        assert not (photos / "up" / "up").exists() and not (photos / "failed" / "failed").exists()
+        assert not (photos / "up" / "failed").exists() and not (photos / "failed" / "up").exists()
+        assert {k: v for k, v in snapshot(photos).items() if ".superres" not in k} == \
+            {k: v for k, v in first.items() if ".superres" not in k}
+
+
+def test_a_run_without_failures_leaves_no_failed_folder(tmp_path, small_images):
+    assert main(["upscale", str(small_images[1]), "--out", str(tmp_path / "out"), *MODEL]) == 0
+    assert (tmp_path / "out" / small_images[1].name).exists()
+    assert not (tmp_path / "failed").exists()
