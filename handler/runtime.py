@@ -78,7 +78,7 @@ def loop_guard(settings) -> list[tuple[str, str]]:
     """(bucket, prefix) pairs the service writes into: events for objects there are never work."""
     pairs = []
     if settings.outbox:
-        for location in (settings.outbox, settings.failed_location(), settings.ledger_location()):
-            if is_s3_uri(location):
+        for location in (settings.outbox, settings.failed_location(), settings.ledger_location(), settings.processed):
+            if location and is_s3_uri(location):
                 pairs.append(parse_s3_uri(location))
     return pairs

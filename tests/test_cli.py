@@ -81,3 +81,13 @@ def test_models_verify_passes_on_the_shared_models():
 
 def test_in_process_main_returns_the_exit_code(tmp_path):
     assert main(["upscale", str(tmp_path / "missing.png"), "--out", str(tmp_path), "--model", "espcn-x2"]) == 2
+
+
+@pytest.mark.parametrize("extra", [["--device", "cuda"], ["--lease-s", "1"]])
+def test_a_refused_configuration_leaves_nothing_behind(tmp_path, extra):
+    image = DATASETS / "Set5" / "LR_bicubic" / "X4" / "birdx4.png"
+    result = run("upscale", str(image), "--out", str(tmp_path / "out"), "--model", "espcn-x2", "--engine", "opencv",
+                 *extra)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert list(tmp_path.iterdir()) == []  # no outbox, no .superres/ledger.sqlite3, no failed/
