@@ -164,8 +164,9 @@ def shortened(name: str, limit: int, full: str) -> str:
 
 
 def link_new(temp: Path, final: Path) -> bool:
-    """Give the finished `temp` the name `final` only if that name is free (a hard link never replaces
-    anything): False if it is taken. Where the file system has no hard links: a copy renamed in after a check."""
+    """Give the entry `temp` (a symlink stays a symlink) the name `final` too, only if that name is free: a hard
+    link never replaces anything. False if it is taken. Where the file system has no hard links, `temp` is renamed
+    after a check instead (then `temp` is gone)."""
     try:
         os.link(temp, final, follow_symlinks=False)
         return True
@@ -176,9 +177,7 @@ def link_new(temp: Path, final: Path) -> bool:
             raise
     if os.path.lexists(final):
         return False
-    spare = temp.with_name("spare-" + temp.name)
-    shutil.copyfile(temp, spare)
-    os.replace(spare, final)
+    os.rename(temp, final)
     return True
 
 
@@ -219,49 +218,65 @@ class LocalFile:
     def metadata(self, sha256: str, model: str) -> dict[str, str]:
         return {}
 
-    def _still_as_read(self) -> bool:
+    def _is_as_read(self, path: Path) -> bool:
         try:
-            st = self.path.lstat()
+            st = path.lstat()
         except FileNotFoundError:
             return False
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) == self.read_as
 
     def dispose(self, disposition: str) -> None:
-        """keep: nothing. delete / move: only the very file that was read (same device, inode, size and mtime
-        now): a newer version, or a symlink swapped in, is left alone; nothing is done to a file never read."""
-        if disposition == "keep" or self.read_as is None or not self._still_as_read():
+        """keep: nothing. delete / move: only the very file that was read (same device, inode, size and mtime):
+        a newer version, or a symlink swapped in, is left alone; nothing is done to a file never read.
+
+        A look before a rename leaves a moment in which the name can be swapped, so the entry is renamed first
+        (atomic: it takes whatever is there) and what was taken is checked after; anything else is given back."""
+        if disposition == "keep" or self.read_as is None or not self._is_as_read(self.path):
+            return
+        if disposition == "move" and self.processed is None:
             return
         try:
             if disposition == "delete":
-                self.path.unlink(missing_ok=True)
-            elif disposition == "move" and self.processed is not None:
+                taken = self._take(self.path.with_name(f".superres-delete-{os.getpid()}-{next(_temp_numbers)}"))
+                if taken is not None:
+                    os.unlink(taken)
+            elif disposition == "move":
                 target = unique_path(self.processed / self.rel)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                self._move(target)
+                try:
+                    self._take(target)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    self._move_across(target)
         except OSError as exc:
             raise TransientError(f"could not {disposition} {self.path}: {exc.strerror}", stage="dispose") from None
 
-    def _move(self, target: Path) -> None:
+    def _take(self, to: Path) -> Path | None:
+        """Rename the entry at `path` to `to`; `to` if it is the file read, else None (and it is given back)."""
         try:
-            os.rename(self.path, target)  # moves the entry itself: never through a symlink
+            os.rename(self.path, to)  # renames the entry itself: a symlink is never followed
+        except FileNotFoundError:
+            return None
+        if self._is_as_read(to):
+            return to
+        for name in candidates(self.path):  # its own name, or beside it if that is taken again already
+            if link_new(to, name):
+                to.unlink(missing_ok=True)
+                break
+        return None
+
+    def _move_across(self, target: Path) -> None:
+        """`processed` on another file system: take the file beside itself, copy it over whole, then drop it."""
+        taken = self._take(self.path.with_name(f".superres-move-{os.getpid()}-{next(_temp_numbers)}"))
+        if taken is None:
             return
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-        # another file system: copy what the descriptor holds (still the file read), then remove the original
-        fd = os.open(self.path, READ_FLAGS)
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self.read_as:
-                return
-            temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            with open(temp, "wb") as out:
-                shutil.copyfileobj(f, out)
-                out.flush()
-                os.fsync(out.fileno())
+        temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.copyfile(taken, temp, follow_symlinks=False)
+        with open(temp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(temp, target)
-        if self._still_as_read():
-            self.path.unlink()
+        os.unlink(taken)
 
 
 class Staged:
