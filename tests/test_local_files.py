@@ -154,6 +154,25 @@ def test_a_symlink_swapped_in_after_the_read_is_never_moved(inbox, tmp_path):
     assert (inbox / "a.png").is_symlink() and not (inbox / "processed").exists()
 
 
+@pytest.mark.parametrize("disposition", ["move", "delete"])
+def test_a_symlink_swapped_in_between_the_look_and_the_rename_is_given_back(inbox, tmp_path, monkeypatch,
+                                                                             disposition):
+    """The swap is made to happen inside the window (so the test never depends on timing)."""
+    src = read_file(inbox, processed=inbox / "processed")
+    real_rename = os.rename
+
+    def swap_then_rename(a, b, *args, **kwargs):
+        if str(a) == str(inbox / "a.png"):
+            os.symlink(tmp_path / "secret.txt", tmp_path / "link")
+            os.replace(tmp_path / "link", inbox / "a.png")
+        return real_rename(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", swap_then_rename)
+    src.dispose(disposition)
+    assert os.readlink(inbox / "a.png") == str(tmp_path / "secret.txt")
+    assert sorted(p.name for p in inbox.rglob("*") if not p.is_dir()) == ["a.png"]  # nothing else left anywhere
+
+
 def test_move_renames_into_the_processed_folder_under_a_free_name(inbox):
     (inbox / "processed" / "box").mkdir(parents=True)
     (inbox / "processed" / "box" / "a.png").write_bytes(b"an earlier one")
