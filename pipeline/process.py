@@ -17,14 +17,13 @@ from pipeline import codec
 from pipeline.errors import EngineFailure, InputRejected, SuperresError, TransientError
 from pipeline.ledger import (ClaimBusy, ClaimLost, ClaimOutcome, Ledger, SourceRow, dedup_key, output_intact,
                              output_variant, request_id)
-from pipeline.limits import Limits, check_dimensions, check_size
+from pipeline.formats import content_type
+from pipeline.limits import Limits, available_memory, check_dimensions, check_output, check_size
 from pipeline.tiling import policy_id
 from pipeline.upscale import upscale_frames
 
 log = logging.getLogger("superres.pipeline")
 
-CONTENT_TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".webp": "image/webp", ".tif": "image/tiff",
-                 ".bmp": "image/bmp", ".gif": "image/gif"}
 # exceptions of the network libraries that escaped an adapter: a later try may work, the input is not at fault
 _NETWORK_MODULES = ("botocore", "boto3", "s3transfer", "urllib3", "http.client", "ssl", "socket")
 
@@ -92,6 +91,7 @@ class Job:
 @dataclass(frozen=True)
 class Options:
     limits: Limits
+    max_output_pixels: int
     policy: str
     cap_side: int
     tile: int  # 0: the engine's choice
@@ -106,7 +106,7 @@ class Options:
     @classmethod
     def from_settings(cls, s) -> "Options":
         return cls(
-            limits=Limits(s.max_bytes, s.max_pixels, s.max_side, s.min_side),
+            limits=Limits(s.max_bytes, s.max_pixels, s.max_side, s.min_side), max_output_pixels=s.max_output_pixels,
             policy=s.policy, cap_side=s.cap_side, tile=s.tile, tile_batch=s.tile_batch, out_format=s.format,
             jpeg_quality=s.jpeg_quality, webp_quality=s.webp_quality, dedup=s.dedup,
             on_duplicate=s.on_duplicate, disposition=s.disposition,
@@ -209,15 +209,19 @@ class Processor:
                 # settled, but a crash came between the ledger and the disposition: finish that, on these bytes
                 src.dispose(self.opt.disposition)
                 return Result(src, "skipped", job.prior.output, detail=f"already {job.prior.outcome}")
-            check_size(len(data), self.opt.limits)
             job.data = data
+            check_size(len(data), self.opt.limits)
             job.sha = hashlib.sha256(data).hexdigest()
             job.timings["read"] = time.perf_counter() - t0
 
             header = codec.read_header(data)
             check_dimensions(header.width, header.height, header.frames, self.opt.limits)
             job.fmt, ext = codec.output_format(header.format, None if self.opt.out_format == "keep" else self.opt.out_format)
-            job.content_type = CONTENT_TYPES.get(ext, "application/octet-stream")
+            # the output's size against the format, the output limit and memory: refused before any work
+            check_output(header.width, header.height, header.frames, header.channels, header.bytes_per_sample,
+                         scale=self.spec.scale, policy=self.opt.policy, cap_side=self.opt.cap_side, fmt=job.fmt,
+                         max_output_pixels=self.opt.max_output_pixels, available_bytes=available_memory())
+            job.content_type = content_type(job.fmt)
             job.rel_out = output_rel(src.rel, ext)
             job.out_url = self.outbox.url(job.rel_out)
             quality = {"JPEG": self.opt.jpeg_quality, "WEBP": self.opt.webp_quality}.get(job.fmt)
