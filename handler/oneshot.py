@@ -164,8 +164,8 @@ def run_upscale(settings, inputs: list[str]) -> int:
         raise ConfigError("give an output folder: --out DIR or s3://bucket/prefix/ (or SUPERRES_OUTBOX)")
     sources = expand_inputs(inputs, s3_endpoint_url=settings.s3_endpoint_url,
                             exclude=[settings.outbox, settings.failed_location(), settings.processed or ""])
-    processor = open_processor(settings)
-    counts = {"done": 0, "duplicate": 0, "failed": 0, "skipped": 0, "retry": 0}
+    processor = open_processor(settings, "oneshot")
+    counts = {"done": 0, "duplicate": 0, "failed": 0, "skipped": 0, "retry": 0, "lost-claim": 0}
     pixels = 0
     stopping = []
 
@@ -194,7 +194,10 @@ def run_upscale(settings, inputs: list[str]) -> int:
 
     started = time.perf_counter()
     # read/decode of the next items and encode/publish of finished ones overlap the engine
-    run_overlapped(processor, sources, report, stop=lambda: bool(stopping))
+    try:
+        run_overlapped(processor, sources, report, stop=lambda: bool(stopping) or bool(processor.engine_failure))
+    finally:
+        processor.close()
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - started
@@ -203,7 +206,11 @@ def run_upscale(settings, inputs: list[str]) -> int:
     print(
         f"done {counts['done']}, duplicate {counts['duplicate']}, failed {counts['failed'] + counts['retry']}, "
         f"already done {counts['skipped']}"
+        + (f", lost claim {counts['lost-claim']} (another process finished them)" if counts["lost-claim"] else "")
         + (f", not started {not_started} (interrupted)" if not_started else "")
         + f"; {seconds:.1f} s, {rate:.2f} output Mpx/s"
     )
+    if processor.engine_failure:
+        print(f"superres: error: the engine failed ({processor.engine_failure}); nothing was filed as failed for it: "
+              "run again", file=sys.stderr)
     return 1 if counts["failed"] or counts["retry"] or not_started else 0
