@@ -59,13 +59,67 @@ def _srgb_icc() -> bytes:
 def test_header_of_real_png_and_jpeg():
     png = LENNA.read_bytes()
     h = read_header(png)
-    assert h == ImageHeader(format="PNG", width=512, height=512, frames=1, mode="RGB")
+    assert h == ImageHeader(format="PNG", width=512, height=512, frames=1, mode="RGB", channels=3, bytes_per_sample=1)
 
     jpeg = _bytes_of(Image.open(BABY), "JPEG", quality=90)
     h = read_header(jpeg)
     assert (h.format, h.width, h.height, h.frames, h.mode) == ("JPEG", 512, 512, 1, "RGB")
 
     assert read_header(BRIDGE.read_bytes()).mode == "L"
+
+
+def _encoded_cv2(ext: str, pixels: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(ext, pixels)
+    assert ok
+    return buf.tobytes()
+
+
+def _header_cases() -> dict[str, tuple[bytes, bool]]:
+    """Real files of every kind of pixel data: name -> (bytes, whether the header's channels are only a bound)."""
+    bgr = cv2.imread(str(LENNA))[150:250, 100:260]
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    bgra = np.dstack([bgr, np.where(gray < 100, 0, 255).astype(np.uint8)])
+    small = _lenna_small()
+    cases = {}
+    for ext in (".png", ".tif"):
+        for name, pixels in (("bgr", bgr), ("gray", gray), ("bgra", bgra)):
+            cases[f"{ext} {name} 8"] = (_encoded_cv2(ext, pixels), False)
+            cases[f"{ext} {name} 16"] = (_encoded_cv2(ext, pixels.astype(np.uint16) * 257), False)
+    cases["jpeg rgb"] = (_bytes_of(small, "JPEG"), False)
+    cases["jpeg gray"] = (_bytes_of(small.convert("L"), "JPEG"), False)
+    cases["jpeg cmyk"] = (_bytes_of(small.convert("CMYK"), "JPEG"), False)
+    cases["webp rgb"] = (_encoded_cv2(".webp", bgr), False)
+    cases["webp rgba"] = (_encoded_cv2(".webp", bgra), False)
+    cases["bmp bgr"] = (_encoded_cv2(".bmp", bgr), False)
+    cases["bmp gray"] = (_encoded_cv2(".bmp", gray), False)
+    cases["png 1-bit"] = (_bytes_of(small.convert("1"), "PNG"), False)
+    cases["png LA"] = (_bytes_of(Image.fromarray(np.dstack([gray, bgra[..., 3]]), "LA"), "PNG"), False)
+    palette = small.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    cases["png palette"] = (_bytes_of(palette, "PNG"), False)
+    cases["png palette + tRNS"] = (_bytes_of(palette, "PNG", transparency=0), False)
+    cases["gif"] = (_bytes_of(palette, "GIF"), False)
+    cases["gif + transparency"] = (_bytes_of(palette, "GIF", transparency=0), False)
+    # animations are counted as BGRA: only decoding every frame would tell that none has transparency
+    frames = [small, small.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    cases["gif animation"] = (_bytes_of(frames[0], "GIF", save_all=True, append_images=frames[1:]), True)
+    cases["webp animation"] = (_bytes_of(frames[0], "WEBP", save_all=True, append_images=frames[1:]), True)
+    return cases
+
+
+HEADER_CASES = _header_cases()
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+def test_header_channels_and_depth_are_what_decode_makes(case):
+    data, bound = HEADER_CASES[case]
+    header = read_header(data)
+    frame = decode(data, header).frames[0]
+    channels = 1 if frame.ndim == 2 else frame.shape[2]
+    assert header.bytes_per_sample == frame.dtype.itemsize, header
+    if bound:
+        assert header.channels >= channels, header
+    else:
+        assert header.channels == channels, header
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
@@ -228,6 +282,23 @@ def test_16bit_png_decodes_to_uint16_and_encodes_back_bit_exactly(tmp_path):
     # Formats without 16-bit samples get round(x / 257), which undoes the x257 exactly.
     webp = encode(decoded, "WEBP", webp_quality=101)  # > 100: lossless
     np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(webp, np.uint8), cv2.IMREAD_UNCHANGED), src // 257)
+
+
+def test_16_bit_samples_become_round_x_over_257_for_every_value():
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)  # BMP: 8-bit and lossless
+    image = DecodedImage(frames=[every], format="PNG", icc_profile=None, exif=None)
+    back = cv2.imdecode(np.frombuffer(encode(image, "BMP"), np.uint8), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(back, np.floor(every / 257 + 0.5).astype(np.uint8))
+
+
+def test_composite_on_white_is_exact_for_every_colour_and_alpha():
+    colour, alpha = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8))
+    bgra = np.dstack([colour, 255 - colour, colour // 2, alpha])
+    image = DecodedImage(frames=[bgra], format="PNG", icc_profile=None, exif=None)
+    back = cv2.imdecode(np.frombuffer(encode(image, "BMP"), np.uint8), cv2.IMREAD_UNCHANGED)
+    a = alpha[..., None] / 255.0  # the definition, in float64
+    expected = np.floor(bgra[..., :3] * a + 255.0 * (1.0 - a) + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(back, expected)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF", "BMP"])

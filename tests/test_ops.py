@@ -232,7 +232,8 @@ def test_healthz_is_503_with_the_reason_once_the_engine_failed():
         status, text = get(f"http://127.0.0.1:{port}/healthz")
         doc = json.loads(text)
         assert status == 503
-        assert doc["status"] == "engine_failed" and doc["reason"] == "CUDA error: an illegal memory access was encountered"
+        assert doc["status"] == "engine_failed"
+        assert doc["reason"] == "CUDA error: an illegal memory access was encountered"
         assert doc["model"] == "edsr-x3" and doc["device"] == "cuda"
         got = samples(get(f"http://127.0.0.1:{port}/metrics")[1])
         assert got[("superres_engine_healthy", frozenset())] == 0
