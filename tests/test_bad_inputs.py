@@ -138,3 +138,25 @@ def test_unreadable_file_is_recorded_not_crashed(tmp_path):
     assert record["error"] == "unreadable" and "permission" in record["message"]
     assert (tmp_path / "o" / "open.png").exists()
     assert (inbox / "locked.png").exists()  # still where it was
+
+
+def test_failed_shows_what_is_failed_now(tmp_path):
+    """A file fixed after its failure gets a fresh try; its success removes the stale record, and a second
+    failure of the same source replaces its first record instead of adding another."""
+    src, out, failed = tmp_path / "in", tmp_path / "out", tmp_path / "failed"
+    src.mkdir()
+    good = cv2.imencode(".png", cv2.imread(str(DATASETS / "Set5" / "LR_bicubic" / "X4" / "headx4.png")))[1].tobytes()
+    args = ["upscale", str(src), "--out", str(out), "--failed", str(failed), *MODEL]
+    (src / "scan.png").write_bytes(good[: len(good) // 2])  # the scanner's first half
+    assert main(args) == 1
+    assert reason(failed, "scan.png")["error"] == "truncated"
+    (src / "scan.png").write_bytes(b"<html>oops</html>")  # still bad, otherwise: one record, the current one
+    assert main(args) == 1
+    [record] = failed.glob("*.error.json")
+    assert json.loads(record.read_text())["error"] == "not_an_image"
+    shown = sorted(p.name for p in failed.iterdir() if not p.name.startswith("."))
+    assert shown == sorted([record.name, record.name[: -len(".error.json")]])
+    (src / "scan.png").write_bytes(good)  # now whole
+    assert main(args) == 0
+    assert (out / "scan.png").exists()
+    assert [p.name for p in failed.iterdir() if not p.name.startswith(".")] == []
