@@ -101,8 +101,9 @@ def output_size(width: int, height: int, *, scale: int, policy: str, cap_side: i
 
 
 def memory_needed(in_width: int, in_height: int, out_width: int, out_height: int, frames: int, channels: int,
-                  bytes_per_sample: int, fmt: Format) -> int:
-    """Peak bytes one item takes between decode and publish (see INPUT_COPIES above)."""
+                  bytes_per_sample: int, fmt: Format, input_bytes: int = 0) -> int:
+    """Peak bytes one item takes between decode and publish (see INPUT_COPIES above); input_bytes: the file's
+    bytes, when they are held all along (the pipeline keeps them for the failed place)."""
     frames = max(frames, 1)
     decoded = in_width * in_height * channels * bytes_per_sample * frames
     output = out_width * out_height * channels * bytes_per_sample * frames
@@ -111,7 +112,7 @@ def memory_needed(in_width: int, in_height: int, out_width: int, out_height: int
         factor = ANIMATION_ENCODE_MEMORY
     else:
         factor = fmt.encode_memory_alpha if channels == 4 else fmt.encode_memory
-    return int(max(upscale, output * factor)) + TILE_ALLOWANCE
+    return int(max(upscale, output * factor)) + TILE_ALLOWANCE + input_bytes
 
 
 def _advice(out_width: int, out_height: int) -> str:
@@ -124,10 +125,11 @@ def _advice(out_width: int, out_height: int) -> str:
 
 def check_output(width: int, height: int, frames: int, channels: int, bytes_per_sample: int, *, scale: int,
                  policy: str, cap_side: int, fmt: Format | str, max_output_pixels: int,
-                 available_bytes: int | None) -> OutputPlan:
+                 available_bytes: int | None, input_bytes: int = 0) -> OutputPlan:
     """Refuse, before any pixel is decoded, an output the format cannot hold, one over max_output_pixels, or one
     whose working memory is over available_bytes (None: unknown, not checked). width/height/frames/channels/
-    bytes_per_sample are the input's, as codec.read_header reports them; fmt is the output format."""
+    bytes_per_sample are the input's, as codec.read_header reports them; fmt is the output format; input_bytes
+    the size of the file, held while the item is in work."""
     fmt = format_named(fmt) if isinstance(fmt, str) else fmt
     frames = max(frames, 1)
     out_w, out_h = output_size(width, height, scale=scale, policy=policy, cap_side=cap_side)
@@ -159,7 +161,7 @@ def check_output(width: int, height: int, frames: int, channels: int, bytes_per_
             "choose a smaller scale, or raise the setting if the machine can hold it",
             stage="limits", code="too_many_output_pixels",
         )
-    need = memory_needed(width, height, out_w, out_h, frames, channels, bytes_per_sample, fmt)
+    need = memory_needed(width, height, out_w, out_h, frames, channels, bytes_per_sample, fmt, input_bytes)
     if available_bytes is not None and need > available_bytes:
         raise InputRejected(
             f"the output ({out_w}x{out_h}" + (f"x{frames} frames" if frames > 1 else "")

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from conftest import DATASETS, REPO
+from conftest import DATASETS, REPO, SHARED_MODELS, cli_env, superres_cmd
 from pipeline.errors import InputRejected
 from pipeline.formats import FORMATS
 from pipeline.limits import TILE_ALLOWANCE, available_memory, check_output, memory_needed, output_size
@@ -123,6 +124,12 @@ def test_the_format_limit_comes_before_the_pixel_limit():
         check_output(20000, 20000, 1, 3, 1, scale=4, policy="tile", cap_side=500, fmt="WEBP",
                      max_output_pixels=MAX_OUT, available_bytes=None)
     assert err.value.code == "output_too_large_for_format"
+
+
+def test_memory_counts_the_file_bytes_the_pipeline_holds():
+    common = dict(scale=4, policy="tile", cap_side=500, fmt="PNG", max_output_pixels=MAX_OUT, available_bytes=None)
+    plain = check_output(1000, 1000, 1, 3, 1, **common).memory_bytes
+    assert check_output(1000, 1000, 1, 3, 1, **common, input_bytes=5_000_000).memory_bytes == plain + 5_000_000
 
 
 def test_memory_is_checked_against_what_is_available_and_skipped_when_unknown():
@@ -279,3 +286,44 @@ def test_available_memory_of_this_machine():
     got = available_memory()
     kb = next(int(line.split()[1]) for line in meminfo.read_text().splitlines() if line.startswith("MemAvailable:"))
     assert got is not None and 0 <= got <= kb * 1024 * 1.1  # MemAvailable moves between the two reads
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+def _refused(tmp_path: Path, name: str, pixels: np.ndarray, *args: str) -> tuple[dict, float]:
+    """Run a real `superres upscale` on one file; return its failure record and the seconds from the engine being
+    ready to the item's failure (its read, hash, header and checks), from the JSON log's timestamps."""
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    cv2.imwrite(str(inbox / name), pixels, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    out, failed = tmp_path / "out", tmp_path / "failed"
+    run = subprocess.run([*superres_cmd(), "upscale", str(inbox), "--out", str(out), "--failed", str(failed),
+                          "--model-dir", str(SHARED_MODELS), "--log-format", "json", *args],
+                         env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr  # one item, failed
+    record = json.loads((failed / f"{name}.error.json").read_text())
+    logs = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]
+    when = {doc["message"].split(" ")[0]: datetime.fromisoformat(doc["time"]) for doc in logs}
+    assert not [p for p in out.rglob("*") if p.is_file() and ".superres" not in p.parts]  # no output
+    return record, (when["failed"] - when["engine"]).total_seconds()
+
+
+@pytest.mark.slow
+def test_upscale_refuses_an_output_webp_cannot_hold_before_any_work(tmp_path):
+    # the issue's case: 5000x5000 at x4 to WebP ran 41 s and 2 GB, then "could not encode the image as WEBP"
+    big = cv2.resize(cv2.imread(str(LENNA)), (5000, 5000), interpolation=cv2.INTER_CUBIC)
+    record, seconds = _refused(tmp_path, "big.jpg", big, "--model", "fsrcnn-x4", "--format", "webp")
+    assert (record["stage"], record["error"]) == ("limits", "output_too_large_for_format"), record
+    assert "20000x20000" in record["message"] and "WEBP" in record["message"] and "16383" in record["message"]
+    assert "choose --format png or a smaller scale" in record["message"]
+    assert seconds < 1.0  # reading and hashing the file, its header: no decode, no upscale
+
+
+@pytest.mark.slow
+def test_upscale_refuses_lapsrn_x8_on_a_large_input_by_the_output_pixel_limit(tmp_path):
+    # the issue's other case: lapsrn-x8 on 4000x4000 (32000x32000 out) was not refused: 40 min, 5 GB
+    big = cv2.resize(cv2.imread(str(LENNA)), (4000, 4000), interpolation=cv2.INTER_CUBIC)
+    record, seconds = _refused(tmp_path, "big.jpg", big, "--model", "lapsrn-x8")
+    assert (record["stage"], record["error"]) == ("limits", "too_many_output_pixels"), record
+    assert "32000x32000" in record["message"] and "SUPERRES_MAX_OUTPUT_PIXELS=300000000" in record["message"]
+    assert seconds < 1.0
