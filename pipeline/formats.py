@@ -2,8 +2,8 @@
 
 Adding a format is one entry here (and, if neither OpenCV nor Pillow writes it the way codec.encode expects, a
 branch in codec). Every number below was measured with the encoders this project ships (OpenCV 5.0 and
-Pillow 13, tests/test_formats.py checks each one at its edge): the largest side is that of the writer
-codec.encode uses for the format, or of the smaller one where it uses two.
+Pillow 13; tests/test_formats.py writes each finite side limit and fails one pixel more): the largest side is
+that of the writer codec.encode uses for the format, or of the smaller one where it uses two.
 """
 
 from __future__ import annotations

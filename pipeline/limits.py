@@ -133,8 +133,8 @@ def check_output(width: int, height: int, frames: int, channels: int, bytes_per_
     fmt = format_named(fmt) if isinstance(fmt, str) else fmt
     frames = max(frames, 1)
     out_w, out_h = output_size(width, height, scale=scale, policy=policy, cap_side=cap_side)
-    made = f"{width}x{height}" + (f" capped to {out_w // scale}x{out_h // scale}" if out_w != width * scale else "")
-    made += f" at x{scale}"
+    capped = (out_w, out_h) != (width * scale, height * scale)
+    made = f"{width}x{height}" + (f" capped to {out_w // scale}x{out_h // scale}" if capped else "") + f" at x{scale}"
     if max(out_w, out_h) > fmt.max_side:
         raise InputRejected(
             f"the output would be {out_w}x{out_h} px ({made}), over the largest side {fmt.name} can hold "

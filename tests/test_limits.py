@@ -117,6 +117,9 @@ def test_messages_name_the_limit_and_what_to_do():
     with pytest.raises(InputRejected) as err:
         check_output(40000, 400, 1, 3, 1, scale=4, fmt="WEBP", **{**common, "policy": "cap", "cap_side": 5000})
     assert "20000x200 px (40000x400 capped to 5000x50 at x4)" in err.value.message
+    with pytest.raises(InputRejected) as err:  # the long side capped, the short one stays 1 px
+        check_output(1, 20000, 1, 3, 1, scale=4, fmt="WEBP", **{**common, "policy": "cap", "cap_side": 5000})
+    assert "4x20000 px (1x20000 capped to 1x5000 at x4)" in err.value.message
 
 
 def test_the_format_limit_comes_before_the_pixel_limit():
