@@ -15,6 +15,7 @@ from handler.invoked import EventRunner
 from handler.ops import Ops
 from handler.runtime import loop_guard, open_processor
 from handler.stop import EXIT_ENGINE_FAILED, Backoff, StopFlag
+from pipeline.adapters.aws_errors import NO_QUEUE, AwsFailure, call, describe
 from pipeline.adapters.s3_objects import S3Objects, s3_client, sqs_client
 from pipeline.errors import ConfigError
 from pipeline.events import Message, parse_sqs_body
@@ -49,20 +50,20 @@ class Heartbeat:
         while not self._stop.wait(max(1.0, every_s)):
             try:
                 sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=receipt, VisibilityTimeout=visibility_s)
-            except Exception:  # a missed beat is survivable: the visibility has slack
-                log.warning("heartbeat failed", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - a missed beat is survivable: the visibility has slack
+                log.warning("heartbeat failed: %s", describe(exc))
 
 
 def max_receive_count(sqs, queue_url: str) -> int | None:
     """The queue's redrive maxReceiveCount (None: no dead-letter queue). A queue that is not there is a set-up
     error, said at start."""
     try:
-        attrs = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["RedrivePolicy"]).get("Attributes", {})
-    except Exception as exc:  # noqa: BLE001 - whatever boto3 raises, the worker cannot start
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-        if "NonExistentQueue" in code or "QueueDoesNotExist" in code:
+        attrs = call("reading the queue's attributes", sqs.get_queue_attributes, QueueUrl=queue_url,
+                     AttributeNames=["RedrivePolicy"]).get("Attributes", {})
+    except AwsFailure as failure:  # after the retries of a transient fault: the worker cannot start
+        if failure.kind == NO_QUEUE:
             raise ConfigError(f"the queue {queue_url} does not exist") from None
-        raise ConfigError(f"cannot reach the queue {queue_url}: {exc}") from None
+        raise ConfigError(f"cannot reach the queue {queue_url}: {describe(failure.cause)}") from None
     policy = attrs.get("RedrivePolicy")
     return int(json.loads(policy)["maxReceiveCount"]) if policy else None
 
@@ -96,7 +97,7 @@ def run_worker(settings, *, max_messages: int | None = None, idle_exit_s: float 
                 break
             except Exception as exc:  # noqa: BLE001 - an outage of any length: wait and try again
                 state["waiting"] = False
-                log.warning("cannot receive from the queue (%s); retrying in %.0f s", exc, outage.peek())
+                log.warning("cannot receive from the queue (%s); retrying in %.0f s", describe(exc), outage.peek())
                 stop.sleep(outage.next())
                 continue
             finally:
@@ -151,7 +152,7 @@ def handle(sqs, settings, runner: EventRunner, processor, message: dict) -> None
         else:
             sqs.delete_message(QueueUrl=settings.queue_url, ReceiptHandle=receipt)
     except Exception as exc:  # noqa: BLE001 - the message comes back after its visibility; settled items are skipped
-        log.warning("could not %s a message: %s", "defer" if outcome.retry else "delete", exc)
+        log.warning("could not %s a message: %s", "defer" if outcome.retry else "delete", describe(exc))
 
 
 def release(sqs, queue_url: str, messages: list[dict]) -> None:
@@ -159,5 +160,5 @@ def release(sqs, queue_url: str, messages: list[dict]) -> None:
     for message in messages:
         try:
             sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0)
-        except Exception:
-            log.warning("could not release a message; it returns after its visibility timeout", exc_info=True)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not release a message (%s); it returns after its visibility timeout", describe(exc))

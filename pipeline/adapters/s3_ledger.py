@@ -23,13 +23,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 
-from botocore.exceptions import BotoCoreError, ClientError
-
+from pipeline.adapters.aws_errors import CONFLICT, MISSING, AwsFailure, call
 from pipeline.errors import TransientError
 from pipeline.ledger import ClaimLost, ClaimOutcome, ItemRow, SourceRow, decide_claim, holds
 
 _TRIES = 20  # conditional-write retries before giving up; losers of a race need one or two
-_CONFLICT_STATUS = {412, 409}  # 409 ConditionalRequestConflict: real S3's answer to concurrent conditional writes
 _DELETE = object()  # what a change returns to delete the row
 
 
@@ -41,21 +39,9 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _status(exc: ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _no_such_key(exc: ClientError) -> bool:
-    # NoSuchBucket is also a 404, but it is a broken setup, not a missing row
-    return _code(exc) in ("NoSuchKey", "404", "NotFound")
-
-
-def _transient(exc: Exception, what: str) -> TransientError:
-    return TransientError(f"S3 ledger: cannot {what}: {exc}", stage="dedup")
+def _transient(failure: AwsFailure) -> TransientError:
+    # every ledger error is a retry later: a missing or refused ledger bucket is a set-up error, never an input's
+    return TransientError(f"S3 ledger: {failure}", stage="dedup", code=failure.kind)
 
 
 class S3Ledger:
@@ -77,16 +63,27 @@ class S3Ledger:
     def _source_key(self, source: str) -> str:
         return f"{self.prefix}sources/{_sha(source)}.json"
 
-    def _get_json(self, okey: str) -> tuple[dict | None, str | None]:
-        try:
+    def _fetch(self, okey: str) -> tuple[bytes | None, str | None]:
+        """The object's bytes and ETag (None, None: no such object). A body cut off on the way is a transient
+        error of the whole GET, which `call` tries again."""
+        def get():
             resp = self.client.get_object(Bucket=self.bucket, Key=okey)
-            return json.loads(resp["Body"].read()), resp["ETag"]
-        except ClientError as exc:
-            if _no_such_key(exc):
+            return resp["Body"].read(), resp["ETag"]
+        try:
+            return call(f"reading {okey}", get)
+        except AwsFailure as failure:
+            if failure.kind == MISSING:  # not NoSuchBucket: that is a broken setup, not a missing row
                 return None, None
-            raise _transient(exc, f"read {okey}") from exc
-        except (BotoCoreError, OSError, ValueError) as exc:
-            raise _transient(exc, f"read {okey}") from exc
+            raise _transient(failure) from None
+
+    def _get_json(self, okey: str) -> tuple[dict | None, str | None]:
+        data, etag = self._fetch(okey)
+        if data is None:
+            return None, None
+        try:
+            return json.loads(data), etag
+        except ValueError as exc:
+            raise TransientError(f"S3 ledger: {okey} is not JSON: {exc}", stage="dedup") from None
 
     def _read(self, okey: str) -> tuple[ItemRow | None, str | None]:
         body, etag = self._get_json(okey)
@@ -104,26 +101,41 @@ class S3Ledger:
         condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
         self._known.pop(okey, None)
         try:
-            resp = self.client.put_object(Bucket=self.bucket, Key=okey, Body=body, ContentType="application/json",
-                                          **condition)
+            resp = call(f"writing {okey}", self.client.put_object, Bucket=self.bucket, Key=okey, Body=body,
+                        ContentType="application/json", **condition)
             self._known[okey] = (row, resp["ETag"])
-        except ClientError as exc:
-            # 404 on IfMatch: the row was deleted since we read it
-            if _status(exc) in _CONFLICT_STATUS or (etag is not None and _no_such_key(exc)):
-                raise _Conflict() from exc
-            raise _transient(exc, f"write {okey}") from exc
-        except (BotoCoreError, OSError) as exc:
-            raise _transient(exc, f"write {okey}") from exc
+        except AwsFailure as failure:
+            if failure.kind == CONFLICT:
+                if self._landed(okey, body, row):
+                    return
+                raise _Conflict() from None
+            if etag is not None and failure.kind == MISSING:  # 404 on IfMatch: the row was deleted since we read it
+                raise _Conflict() from None
+            raise _transient(failure) from None
+
+    def _landed(self, okey: str, body: bytes, row: ItemRow) -> bool:
+        """After a 412: was it this very write that got there first? A try whose answer was lost (a reset, a
+        cut-off response) may have landed, and the retry (botocore's or ours) then finds its own row. Taking
+        that for someone else's would apply a change twice (engine_runs + 2) or call our own claim lost. The
+        body carries its write time to the microsecond, so only our write has these bytes."""
+        try:
+            data, etag = self._fetch(okey)
+        except TransientError:
+            return False  # cannot tell: the caller re-reads and decides again
+        if data != body:
+            return False
+        self._known[okey] = (row, etag)
+        return True
 
     def _delete(self, okey: str, etag: str) -> None:
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=okey, IfMatch=etag)
-        except ClientError as exc:
-            if _status(exc) in _CONFLICT_STATUS or _no_such_key(exc):
-                raise _Conflict() from exc
-            raise _transient(exc, f"delete {okey}") from exc
-        except (BotoCoreError, OSError) as exc:
-            raise _transient(exc, f"delete {okey}") from exc
+            call(f"deleting {okey}", self.client.delete_object, Bucket=self.bucket, Key=okey, IfMatch=etag)
+        except AwsFailure as failure:
+            # changed or gone since we read it (gone is also what a retry finds after our own delete landed:
+            # the re-read then sees no row, and there is nothing left to do)
+            if failure.kind in (CONFLICT, MISSING):
+                raise _Conflict() from None
+            raise _transient(failure) from None
 
     @staticmethod
     def _backoff(attempt: int) -> None:
@@ -220,10 +232,10 @@ class S3Ledger:
                            "outcome": outcome, "output": output, "output_etag": output_etag, "detail": detail,
                            "updated": time.time()}).encode()
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._source_key(source), Body=body,
-                                   ContentType="application/json")
-        except (ClientError, BotoCoreError, OSError) as exc:
-            raise _transient(exc, f"record the source {source}") from exc
+            call(f"recording the source {source}", self.client.put_object, Bucket=self.bucket,
+                 Key=self._source_key(source), Body=body, ContentType="application/json")
+        except AwsFailure as failure:
+            raise _transient(failure) from None
 
     def source(self, source: str) -> SourceRow | None:
         body, _ = self._get_json(self._source_key(source))
@@ -237,15 +249,13 @@ class S3Ledger:
         okey = f"{self.prefix}outputs/{_sha(output)}.json"
         body = json.dumps({"output": output, "source": source}).encode()
         try:
-            self.client.put_object(Bucket=self.bucket, Key=okey, Body=body, ContentType="application/json",
-                                   IfNoneMatch="*")
+            call(f"recording the writer of {output}", self.client.put_object, Bucket=self.bucket, Key=okey,
+                 Body=body, ContentType="application/json", IfNoneMatch="*")
             return source
-        except ClientError as exc:
-            if _status(exc) not in _CONFLICT_STATUS:
-                raise _transient(exc, f"record the writer of {output}") from exc
-        except (BotoCoreError, OSError) as exc:
-            raise _transient(exc, f"record the writer of {output}") from exc
-        found, _ = self._get_json(okey)  # someone has it: who?
+        except AwsFailure as failure:
+            if failure.kind != CONFLICT:
+                raise _transient(failure) from None
+        found, _ = self._get_json(okey)  # someone has it (perhaps our own try whose answer was lost): who?
         return found["source"] if found else source
 
     def orphaned_publishes(self) -> list[ItemRow]:
@@ -275,11 +285,16 @@ class S3Ledger:
     # --- listing -------------------------------------------------------------------------------------
 
     def _list(self, prefix: str) -> list[str]:
-        try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
-            return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
-        except (ClientError, BotoCoreError, OSError) as exc:
-            raise _transient(exc, f"list {prefix}") from exc
+        keys, params = [], {"Bucket": self.bucket, "Prefix": prefix}
+        while True:  # page by page, each its own call: a fault costs a retry of one page
+            try:
+                page = call(f"listing {prefix}", self.client.list_objects_v2, **params)
+            except AwsFailure as failure:
+                raise _transient(failure) from None
+            keys += [obj["Key"] for obj in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return keys
+            params["ContinuationToken"] = page["NextContinuationToken"]
 
     def _rows(self) -> list[ItemRow]:
         rows = []

@@ -1,0 +1,212 @@
+"""Faults between superres and S3/SQS: connection resets (before and after the request took effect), 500/503
+answers, cut-off bodies and an outage, made by `fault_proxy` in front of moto's server. A fault may cost a retry or
+a delay, never an image: no image is filed as failed, none is upscaled and published twice, no worker dies.
+
+The small tests put one fault at one place; the slow one runs real workers through thousands of requests."""
+
+import json
+import signal
+import subprocess
+import time
+from collections import Counter
+
+import cv2
+import pytest
+
+from conftest import DATASETS, SHARED_MODELS, cli_env, superres_cmd
+from fault_proxy import FAULTS, FaultProxy
+from handler.cli import main
+from moto_server import aws_env, client
+from pipeline.adapters.s3_ledger import S3Ledger
+from pipeline.adapters.s3_objects import S3Objects, s3_client
+from pipeline.errors import TransientError
+
+MODEL = "fsrcnn-small-x2"
+
+
+@pytest.fixture
+def proxy(moto_endpoint):
+    """A proxy in front of moto that breaks nothing until told (`plan`, `outage`)."""
+    with FaultProxy(moto_endpoint, rate=0.0) as p:
+        yield p
+
+
+# -- one fault at one place ------------------------------------------------------------------------------------
+
+
+def test_a_cut_off_body_is_read_again(moto_endpoint, proxy):
+    raw = client("s3", moto_endpoint)
+    raw.create_bucket(Bucket="inbox")
+    raw.put_object(Bucket="inbox", Key="a.png", Body=b"image bytes" * 100)
+    objects = S3Objects(s3_client(proxy.url))
+    proxy.plan(["cut", "cut"])  # botocore does not retry a streamed body: S3Objects GETs it again
+    data, info = objects.read("inbox", "a.png", max_bytes=10_000)
+    assert data == b"image bytes" * 100 and info.size == 1100
+    assert proxy.counts["cut"] == 2 and proxy.counts["requests"] == 3
+
+
+def test_a_body_cut_off_on_every_try_is_transient_not_a_failure(moto_endpoint, proxy):
+    raw = client("s3", moto_endpoint)
+    raw.create_bucket(Bucket="inbox")
+    raw.put_object(Bucket="inbox", Key="a.png", Body=b"x" * 1000)
+    proxy.plan(["cut"] * 3)
+    with pytest.raises(TransientError) as err:
+        S3Objects(s3_client(proxy.url)).read("inbox", "a.png", max_bytes=10_000)
+    assert err.value.stage == "read" and "IncompleteRead" in err.value.message
+    assert proxy.counts["cut"] == 3
+
+
+@pytest.mark.parametrize("fault", ["reset_after", "cut"])
+def test_a_ledger_write_whose_answer_was_lost_is_applied_once(moto_endpoint, proxy, fault):
+    """The write landed, its answer did not: the retry (botocore's or ours) meets a 412 from our own write. Taken
+    for someone else's, mark_publishing would count engine_runs twice and mark_done would call its claim lost."""
+    raw = client("s3", moto_endpoint)
+    raw.create_bucket(Bucket="outbox")
+    ledger = S3Ledger(s3_client(proxy.url), "outbox", ".superres/ledger/")
+    ledger.claim("k", source="s3://inbox/a.png", output="s3://outbox/a.png")
+    proxy.plan([fault])  # the conditional PUT of mark_publishing (the row is known: no GET first)
+    ledger.mark_publishing("k", 1, None)
+    proxy.plan([fault])  # and of mark_done
+    ledger.mark_done("k", 1, source="s3://inbox/a.png", fingerprint="f", sha256="s", output="s3://outbox/a.png",
+                     output_etag="e")
+    row = S3Ledger(raw, "outbox", ".superres/ledger/").item("k")
+    assert (row.state, row.engine_runs, row.generation) == ("done", 1, 1)
+    # for a cut, an empty answer has no body to cut: the proxy resets it after forwarding instead
+    assert proxy.counts["reset_after"] + proxy.counts["cut"] == 2
+
+
+def test_an_outage_longer_than_the_retries_is_transient(moto_endpoint, proxy):
+    raw = client("s3", moto_endpoint)
+    raw.create_bucket(Bucket="inbox")
+    objects = S3Objects(s3_client(proxy.url, max_attempts=2))
+    proxy.outage(30)
+    with pytest.raises(TransientError):
+        objects.read("inbox", "a.png", max_bytes=100)
+    with pytest.raises(TransientError):
+        objects.publish("inbox", "a.png", b"x", content_type="image/png", metadata={})
+    with pytest.raises(TransientError):
+        S3Ledger(s3_client(proxy.url, max_attempts=2), "inbox", "l/").claim("k", source="s", output="o")
+    assert proxy.counts["outage"] >= 3 * 3  # three calls, each tried 3 times by us (and more by botocore)
+
+
+# -- real workers, thousands of requests, faults all along and an outage ----------------------------------------
+
+N_IMAGES = 100
+VISIBILITY_S = 20
+
+
+def crops(n: int, side: int = 32) -> list[bytes]:
+    """n distinct small real images: corners of BSD100's LR photos."""
+    paths = sorted((DATASETS / "BSD100" / "LR_bicubic" / "X2").glob("*.png"))[:n]
+    images = [cv2.imencode(".png", cv2.imread(str(p))[:side, :side])[1].tobytes() for p in paths]
+    assert len(set(images)) == n
+    return images
+
+
+def make_queue(sqs, *, max_receives: int):
+    dlq = sqs.create_queue(QueueName="superres-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    queue = sqs.create_queue(QueueName="superres-jobs", Attributes={
+        "VisibilityTimeout": str(VISIBILITY_S),
+        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receives)}),
+    })["QueueUrl"]
+    return queue, dlq
+
+
+def s3_event(bucket: str, key: str) -> str:
+    return json.dumps({"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+                                    "s3": {"bucket": {"name": bucket}, "object": {"key": key}}}]})
+
+
+def queue_depth(sqs, queue: str) -> int:
+    attrs = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=[
+        "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def keys(s3, bucket: str, prefix: str) -> set[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"] for page in pages for o in page.get("Contents", [])}
+
+
+def wait_for(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def log_lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_faults_on_every_tenth_request_and_an_outage_cost_no_image(moto_endpoint, tmp_path, monkeypatch):
+    s3, sqs = client("s3", moto_endpoint), client("sqs", moto_endpoint)  # the test's own view: moto directly
+    for bucket in ("inbox", "outbox"):
+        s3.create_bucket(Bucket=bucket)
+    images = crops(N_IMAGES)
+    names = [f"drop/{i:03d}.png" for i in range(N_IMAGES)]
+    # what each object should give: the same model, run here on the same bytes
+    (tmp_path / "ref-in").mkdir()
+    for name, data in zip(names, images):
+        (tmp_path / "ref-in" / name.split("/")[1]).write_bytes(data)
+    monkeypatch.setenv("SUPERRES_THREADS", "1")
+    assert main(["upscale", str(tmp_path / "ref-in"), "--out", str(tmp_path / "ref"), "--model", MODEL,
+                 "--model-dir", str(SHARED_MODELS)]) == 0
+    for name, data in zip(names, images):
+        s3.put_object(Bucket="inbox", Key=name, Body=data)
+    queue, dlq = make_queue(sqs, max_receives=5)
+
+    started = time.monotonic()
+    with FaultProxy(moto_endpoint, rate=0.12, seed=20261201) as proxy:
+        # S3 and SQS both through the proxy
+        env = cli_env(**aws_env(proxy.url), SUPERRES_MODEL=MODEL, SUPERRES_THREADS="1")
+        logs = [tmp_path / f"w{i}.log" for i in range(2)]
+        workers = [subprocess.Popen(
+            [*superres_cmd(), "worker", "--queue", queue, "--outbox", "s3://outbox/done/", "--failed",
+             "s3://outbox/failed/", "--visibility-s", str(VISIBILITY_S), "--lease-s", "30", "--wait-s", "1",
+             "--log-format", "json"], env=env, stdout=subprocess.DEVNULL, stderr=log.open("w")) for log in logs]
+        try:
+            for name in names:
+                sqs.send_message(QueueUrl=queue, MessageBody=s3_event("inbox", name))
+            wait_for(lambda: len(keys(s3, "outbox", "done/")) >= N_IMAGES // 3, 120, "a third of the outputs")
+            outage_at = time.monotonic() - started
+            proxy.outage(40)
+            time.sleep(40)
+            wait_for(lambda: len(keys(s3, "outbox", "done/")) == N_IMAGES and queue_depth(sqs, queue) == 0, 180,
+                     "every output and an empty queue")
+            alive = [w.poll() is None for w in workers]
+        finally:
+            for w in workers:
+                if w.poll() is None:
+                    w.send_signal(signal.SIGTERM)
+            codes = [w.wait(timeout=60) for w in workers]
+        counts = dict(proxy.counts)
+    duration = time.monotonic() - started
+
+    lines = [line for log in logs for line in log_lines(log)]
+    outcomes = Counter(line["outcome"] for line in lines if line.get("message") == "item")
+    upscaled = Counter(line["source"] for line in lines if line.get("message") == "upscaling")
+    print(f"\nfaults: {counts}; outage at {outage_at:.0f} s; outcomes: {dict(outcomes)}; "
+          f"engine started more than once for {sum(1 for n in upscaled.values() if n > 1)} sources; "
+          f"{duration:.0f} s")
+    assert alive == [True, True], "a worker died"
+    assert codes == [0, 0]
+    # faults on >= 10% of the requests outside the outage, of every kind, and the outage
+    assert sum(counts.get(kind, 0) for kind in FAULTS) >= 0.1 * (counts["requests"] - counts["outage"])
+    assert all(counts.get(kind, 0) > 0 for kind in (*FAULTS, "outage")), counts
+
+    # every object: exactly one output, the one it should give
+    assert keys(s3, "outbox", "done/") == {f"done/{name}" for name in names}
+    for name in names:
+        expected = (tmp_path / "ref" / name.split("/")[1]).read_bytes()
+        assert s3.get_object(Bucket="outbox", Key=f"done/{name}")["Body"].read() == expected, name
+    rows = S3Ledger(s3, "outbox", ".superres/ledger/done/")._rows()
+    assert len(rows) == N_IMAGES and {r.state for r in rows} == {"done"}
+    assert [r.source for r in rows if r.engine_runs != 1] == []  # published once each
+    assert keys(s3, "outbox", "failed/") == set()
+    assert outcomes["failed"] == 0
+    assert queue_depth(sqs, dlq) == 0
