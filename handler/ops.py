@@ -2,7 +2,7 @@
 metrics in a registry of our own, and, in the long-running modes, a small HTTP server with /metrics and /healthz.
 
 Metrics (the names as scraped):
-  superres_items_total{outcome}                     items settled: done | duplicate | failed | skipped | retry
+  superres_items_total{outcome}                     items settled: done | duplicate | failed | skipped | retry | lost-claim
   superres_stage_seconds{stage}                     histogram: read | decode | upscale | encode | publish
   superres_engine_output_megapixels_per_second      the last upscaled item's output Mpx / its upscale seconds
   superres_items_in_flight                          items being processed now (0 or 1: one processor, one lock)
@@ -26,7 +26,7 @@ from pipeline.process import Result
 
 log = logging.getLogger("superres")
 
-OUTCOMES = ("done", "duplicate", "failed", "skipped", "retry")
+OUTCOMES = ("done", "duplicate", "failed", "skipped", "retry", "lost-claim")
 STAGES = ("read", "decode", "upscale", "encode", "publish")
 # 1 ms (a duplicate's read) to 10 min (EDSR x4 on a CPU, a big image): roughly x2.5 steps
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)

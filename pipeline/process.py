@@ -220,7 +220,8 @@ class Processor:
             # the output's size against the format, the output limit and memory: refused before any work
             check_output(header.width, header.height, header.frames, header.channels, header.bytes_per_sample,
                          scale=self.spec.scale, policy=self.opt.policy, cap_side=self.opt.cap_side, fmt=job.fmt,
-                         max_output_pixels=self.opt.max_output_pixels, available_bytes=available_memory())
+                         max_output_pixels=self.opt.max_output_pixels, available_bytes=available_memory(),
+                         input_bytes=len(data))
             job.content_type = content_type(job.fmt)
             job.rel_out = output_rel(src.rel, ext)
             job.out_url = self.outbox.url(job.rel_out)
