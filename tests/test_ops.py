@@ -81,7 +81,7 @@ def test_watch_serves_metrics_and_health_and_logs_one_json_line_per_item(tmp_pat
         assert status == 200
         got = samples(text)
         outcomes = {o: got[("superres_items_total", frozenset({("outcome", o)}))]
-                    for o in ("done", "duplicate", "failed", "skipped", "retry")}
+                    for o in ("done", "duplicate", "failed", "skipped", "retry", "lost-claim")}
         assert outcomes == {"done": 2, "duplicate": 0, "failed": 1, "skipped": 0, "retry": 0, "lost-claim": 0}
         assert got[("superres_stage_seconds_count", frozenset({("stage", "upscale")}))] == 2
         assert got[("superres_stage_seconds_count", frozenset({("stage", "read")}))] >= 2
@@ -134,7 +134,7 @@ def test_observe_counts_on_a_fresh_registry():
     ops.observe(Result(_Source(), "skipped"))
 
     assert value("superres_items_in_flight") == 0
-    assert {o: value("superres_items_total", {"outcome": o}) for o in ("done", "duplicate", "failed", "skipped", "retry")} \
+    assert {o: value("superres_items_total", {"outcome": o}) for o in ("done", "duplicate", "failed", "skipped", "retry", "lost-claim")} \
         == {"done": 1, "duplicate": 0, "failed": 1, "skipped": 1, "retry": 0, "lost-claim": 0}
     assert value("superres_stage_seconds_count", {"stage": "upscale"}) == 1
     assert value("superres_stage_seconds_count", {"stage": "read"}) == 2
