@@ -294,7 +294,7 @@ def test_a_worker_killed_mid_item_costs_nothing_and_a_second_message_waits_for_t
         a.wait(timeout=30)
         sqs.send_message(QueueUrl=queue, MessageBody=s3_event("inbox", "drop/second.png"))
         b = worker(endpoint, queue, tmp_path / "b.log", *timing)
-        wait_for(lambda: {"done/first.png", "done/second.png"} <= all_keys(s3, "outbox", "done/"), 280,
+        wait_for(lambda: {"done/drop/first.png", "done/drop/second.png"} <= all_keys(s3, "outbox", "done/"), 280,
                  "both outputs")
         wait_for(lambda: queue_depth(sqs, queue) == 0, 60, "an empty queue")
     finally:
