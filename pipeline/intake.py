@@ -130,7 +130,7 @@ class ReadinessTracker:
         out = []
         for name in list(self._open):
             entry = self._entries[name]
-            if entry.complete or self._ready_at(entry) <= now:
+            if self._ready_at(entry) <= now:
                 entry.taken, entry.complete, entry.inflight = True, False, False
                 del self._open[name]
                 out.append(name)
@@ -138,17 +138,20 @@ class ReadinessTracker:
 
     def looks_due(self) -> list[str]:
         """Names with no look since their last event: look at them now, to start their quiet period."""
-        return [name for name in self._open if self._unlooked(self._entries[name])]
+        due = []
+        for name in self._open:
+            entry = self._entries[name]
+            if entry.sig is None and not entry.complete:
+                due.append(name)
+        return due
 
     def next_ready_at(self) -> float:
-        """The earliest `now` at which ready() can return a name that waits (math.inf: none waits)."""
+        """The earliest `now` at which ready() can return a name (math.inf: none is waiting)."""
         return min((self._ready_at(self._entries[name]) for name in self._open), default=math.inf)
 
-    @staticmethod
-    def _unlooked(entry: _Entry) -> bool:
-        return entry.sig is None and not entry.complete
-
     def _ready_at(self, entry: _Entry) -> float:
+        if entry.complete:
+            return -math.inf
         if entry.sig is None:
             return math.inf  # no look since the last event: its quiet period has not started
         wait = self.inflight_timeout_s if entry.inflight else self.settle_s

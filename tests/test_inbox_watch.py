@@ -254,7 +254,7 @@ def real_png() -> bytes:
 
 def test_file_closed_and_reopened_for_append_is_taken_once_and_whole(watch, inbox):
     # Scanners, SMB and FTP servers, `cat a >> f`: a close, a pause, then more data.
-    settle = 1.0
+    settle = 2.0  # far longer than the writer's pause, even on a loaded machine
     w = watch(settle_s=settle, rescan_s=LONG)
     data = real_png()
     second_close = 0.0

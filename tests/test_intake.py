@@ -99,6 +99,7 @@ def test_complete_is_ready_at_once_and_attrib_keeps_it_so():
     t.on_complete("dir.jpg", 0.0)  # not a regular file
     t.on_attrib("moved.jpg", 0.0)
     assert t.looks_due() == []
+    assert t.next_ready_at() == float("-inf")
     assert t.ready(0.0) == ["moved.jpg", "dir.jpg"]
 
 
@@ -230,10 +231,12 @@ def test_looks_due_and_next_ready_at():
     seen(t, "wait.jpg", 1.0)
     t.on_written("busy.jpg", 0.0)
     t.on_closed("done.jpg", 0.0)
-    t.on_complete("moved.jpg", 0.0)
     assert t.looks_due() == ["busy.jpg", "done.jpg"]  # no look since their event
     assert t.next_ready_at() == pytest.approx(3.0)
     seen(t, "done.jpg", 0.5)
     assert t.next_ready_at() == pytest.approx(2.5)
-    assert t.ready(0.0) == ["moved.jpg"]
     assert t.looks_due() == ["busy.jpg"]
+    t.on_complete("moved.jpg", 0.6)
+    assert t.next_ready_at() == float("-inf")  # ready now
+    assert t.ready(0.6) == ["moved.jpg"]
+    assert t.next_ready_at() == pytest.approx(2.5)
