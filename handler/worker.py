@@ -49,7 +49,8 @@ class Heartbeat:
         sqs, queue_url, receipt, visibility_s, every_s = self._args
         while not self._stop.wait(max(1.0, every_s)):
             try:
-                sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=receipt, VisibilityTimeout=visibility_s)
+                call("change_message_visibility", sqs.change_message_visibility, QueueUrl=queue_url,
+                     ReceiptHandle=receipt, VisibilityTimeout=visibility_s)
             except Exception as exc:  # noqa: BLE001 - a missed beat is survivable: the visibility has slack
                 log.warning("heartbeat failed: %s", describe(exc))
 
@@ -58,7 +59,7 @@ def max_receive_count(sqs, queue_url: str) -> int | None:
     """The queue's redrive maxReceiveCount (None: no dead-letter queue). A queue that is not there is a set-up
     error, said at start."""
     try:
-        attrs = call("reading the queue's attributes", sqs.get_queue_attributes, QueueUrl=queue_url,
+        attrs = call("get_queue_attributes", sqs.get_queue_attributes, QueueUrl=queue_url,
                      AttributeNames=["RedrivePolicy"]).get("Attributes", {})
     except AwsFailure as failure:  # after the retries of a transient fault: the worker cannot start
         if failure.kind == NO_QUEUE:
@@ -87,8 +88,9 @@ def run_worker(settings, *, max_messages: int | None = None, idle_exit_s: float 
             ops.heartbeat()
             try:
                 state["waiting"] = True
-                messages = sqs.receive_message(
-                    QueueUrl=settings.queue_url, MaxNumberOfMessages=settings.batch_size,
+                messages = call(
+                    "receive_message", sqs.receive_message, QueueUrl=settings.queue_url,
+                    MaxNumberOfMessages=settings.batch_size,
                     WaitTimeSeconds=settings.wait_s, VisibilityTimeout=settings.visibility_s,
                     AttributeNames=["ApproximateReceiveCount"],
                 ).get("Messages", [])
@@ -148,9 +150,10 @@ def handle(sqs, settings, runner: EventRunner, processor, message: dict) -> None
         if outcome.retry:
             receives = int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
             delay = 0 if processor.engine_failure else retry_delay_s(settings, outcome, receives)
-            sqs.change_message_visibility(QueueUrl=settings.queue_url, ReceiptHandle=receipt, VisibilityTimeout=delay)
+            call("change_message_visibility", sqs.change_message_visibility, QueueUrl=settings.queue_url,
+                 ReceiptHandle=receipt, VisibilityTimeout=delay)
         else:
-            sqs.delete_message(QueueUrl=settings.queue_url, ReceiptHandle=receipt)
+            call("delete_message", sqs.delete_message, QueueUrl=settings.queue_url, ReceiptHandle=receipt)
     except Exception as exc:  # noqa: BLE001 - the message comes back after its visibility; settled items are skipped
         log.warning("could not %s a message: %s", "defer" if outcome.retry else "delete", describe(exc))
 
@@ -159,6 +162,7 @@ def release(sqs, queue_url: str, messages: list[dict]) -> None:
     """Give messages we will not work on back to the queue now, instead of after their visibility timeout."""
     for message in messages:
         try:
-            sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0)
+            call("change_message_visibility", sqs.change_message_visibility, QueueUrl=queue_url,
+                 ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0)
         except Exception as exc:  # noqa: BLE001
             log.warning("could not release a message (%s); it returns after its visibility timeout", describe(exc))

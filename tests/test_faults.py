@@ -103,6 +103,29 @@ def crops(n: int, side: int = 32) -> list[bytes]:
     return images
 
 
+def expected(tmp_path, outputs: list[str], images: list[bytes]) -> dict[str, bytes]:
+    """Output key -> what it should hold: the same model, run here on the same bytes (one thread, as the workers)."""
+    src, out = tmp_path / "ref-in", tmp_path / "ref"
+    src.mkdir()
+    for i, data in enumerate(images):
+        (src / f"{i:03d}.png").write_bytes(data)
+    assert main(["upscale", str(src), "--out", str(out), "--model", MODEL, "--model-dir", str(SHARED_MODELS),
+                 "--threads", "1"]) == 0
+    return {key: (out / f"{i:03d}.png").read_bytes() for i, key in enumerate(outputs)}
+
+
+def check_published_once(s3, outputs: dict[str, bytes]) -> None:
+    """Every object has exactly one output, the one it should give; its ledger item was published once; nothing
+    was filed as failed."""
+    assert keys(s3, "outbox", "done/") == set(outputs)
+    for key, data in outputs.items():
+        assert s3.get_object(Bucket="outbox", Key=key)["Body"].read() == data, key
+    rows = S3Ledger(s3, "outbox", ".superres/ledger/done/")._rows()
+    assert len(rows) == len(outputs) and {r.state for r in rows} == {"done"}
+    assert [r.source for r in rows if r.engine_runs != 1] == []
+    assert keys(s3, "outbox", "failed/") == set()
+
+
 def make_queue(sqs, *, max_receives: int):
     dlq = sqs.create_queue(QueueName="superres-dlq")["QueueUrl"]
     dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
@@ -143,19 +166,13 @@ def log_lines(path) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_faults_on_every_tenth_request_and_an_outage_cost_no_image(moto_endpoint, tmp_path, monkeypatch):
+def test_faults_on_every_tenth_request_and_an_outage_cost_no_image(moto_endpoint, tmp_path):
     s3, sqs = client("s3", moto_endpoint), client("sqs", moto_endpoint)  # the test's own view: moto directly
     for bucket in ("inbox", "outbox"):
         s3.create_bucket(Bucket=bucket)
     images = crops(N_IMAGES)
     names = [f"drop/{i:03d}.png" for i in range(N_IMAGES)]
-    # what each object should give: the same model, run here on the same bytes
-    (tmp_path / "ref-in").mkdir()
-    for name, data in zip(names, images):
-        (tmp_path / "ref-in" / name.split("/")[1]).write_bytes(data)
-    monkeypatch.setenv("SUPERRES_THREADS", "1")
-    assert main(["upscale", str(tmp_path / "ref-in"), "--out", str(tmp_path / "ref"), "--model", MODEL,
-                 "--model-dir", str(SHARED_MODELS)]) == 0
+    outputs = expected(tmp_path, [f"done/{name}" for name in names], images)  # outputs keep the whole key
     for name, data in zip(names, images):
         s3.put_object(Bucket="inbox", Key=name, Body=data)
     queue, dlq = make_queue(sqs, max_receives=5)
@@ -199,14 +216,46 @@ def test_faults_on_every_tenth_request_and_an_outage_cost_no_image(moto_endpoint
     assert sum(counts.get(kind, 0) for kind in FAULTS) >= 0.1 * (counts["requests"] - counts["outage"])
     assert all(counts.get(kind, 0) > 0 for kind in (*FAULTS, "outage")), counts
 
-    # every object: exactly one output, the one it should give
-    assert keys(s3, "outbox", "done/") == {f"done/{name}" for name in names}
-    for name in names:
-        expected = (tmp_path / "ref" / name.split("/")[1]).read_bytes()
-        assert s3.get_object(Bucket="outbox", Key=f"done/{name}")["Body"].read() == expected, name
-    rows = S3Ledger(s3, "outbox", ".superres/ledger/done/")._rows()
-    assert len(rows) == N_IMAGES and {r.state for r in rows} == {"done"}
-    assert [r.source for r in rows if r.engine_runs != 1] == []  # published once each
-    assert keys(s3, "outbox", "failed/") == set()
+    check_published_once(s3, outputs)
     assert outcomes["failed"] == 0
     assert queue_depth(sqs, dlq) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_s3_watch_rides_out_faults_and_an_outage(moto_endpoint, tmp_path):
+    """The S3 inbox watch through the same faults: half the objects are there at start, half come during a 40 s
+    outage; it lists again when the outage is over and takes every object once."""
+    s3 = client("s3", moto_endpoint)
+    for bucket in ("inbox", "outbox"):
+        s3.create_bucket(Bucket=bucket)
+    n = 30
+    images = crops(n)
+    names = [f"watch/{i:03d}.png" for i in range(n)]
+    outputs = expected(tmp_path, [f"done/{i:03d}.png" for i in range(n)], images)  # keys below the inbox prefix
+    for name, data in zip(names[: n // 2], images):
+        s3.put_object(Bucket="inbox", Key=name, Body=data)
+    with FaultProxy(moto_endpoint, rate=0.12, seed=7) as proxy:
+        env = cli_env(**aws_env(proxy.url), SUPERRES_MODEL=MODEL, SUPERRES_THREADS="1")
+        log = tmp_path / "watch.log"
+        watch = subprocess.Popen(
+            [*superres_cmd(), "watch", "--inbox", "s3://inbox/watch/", "--outbox", "s3://outbox/done/", "--failed",
+             "s3://outbox/failed/", "--rescan-s", "0.5", "--lease-s", "30", "--log-format", "json"],
+            env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+        try:
+            wait_for(lambda: len(keys(s3, "outbox", "done/")) >= n // 4, 120, "a quarter of the outputs")
+            proxy.outage(40)
+            for name, data in zip(names[n // 2:], images[n // 2:]):
+                s3.put_object(Bucket="inbox", Key=name, Body=data)
+            time.sleep(40)
+            wait_for(lambda: len(keys(s3, "outbox", "done/")) == n, 120, "every output")
+            alive = watch.poll() is None
+        finally:
+            if watch.poll() is None:
+                watch.send_signal(signal.SIGTERM)
+            code = watch.wait(timeout=60)
+        counts = dict(proxy.counts)
+    print(f"\nfaults: {counts}")
+    assert alive and code == 0
+    assert counts["outage"] > 0 and sum(counts.get(kind, 0) for kind in FAULTS) > 0
+    check_published_once(s3, outputs)

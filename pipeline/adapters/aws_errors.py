@@ -100,6 +100,8 @@ def classify(exc: BaseException) -> str | None:
 
 
 def describe(exc: BaseException) -> str:
+    if isinstance(exc, AwsFailure):
+        return str(exc)
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         return f"{error.get('Code', '?')}: {error.get('Message', '')}".rstrip(": ")
