@@ -302,6 +302,8 @@ def test_sigkill_at_random_moments_loses_nothing_and_repeats_nothing(tmp_path, d
             return disposition == "keep" or not (visible(inbox) & set(current_all))
 
         proc = start_watch(tmp_path, *args, log_name="final.log", **watch)
+        # (the kills may have left nothing to do: SIGTERM only once it is up and watching)
+        wait_for(lambda: "watching" in (tmp_path / "final.log").read_text(errors="replace"), 120, "start", proc)
         wait_for(drained, 300, "every input settled", proc)
         code = stop(proc)
         proc = None
@@ -430,7 +432,8 @@ def settle_once(tmp_path: Path, disposition: str, log_name: str, done) -> str:
     try:
         wait_for(done, 120, "the item settled", proc)
     finally:
-        assert stop(proc) == 0
+        code = stop(proc)
+    assert code == 0
     return (tmp_path / log_name).read_text()
 
 
