@@ -308,6 +308,14 @@ def test_a_source_in_a_bucket_that_cannot_exist_is_unreadable_for_good(raw, obje
     assert objects.head("no such bucket!", "a.png") is None
 
 
+def test_a_copy_of_a_missing_object_is_transient_not_an_input_failure(raw, objects):
+    """What is copied is an output (for a duplicate) or an input already settled (move): its absence must not
+    file the input in hand as failed."""
+    with pytest.raises(TransientError) as err:
+        objects.copy("inbox", "done/gone.png", "inbox", "done/copy.png")
+    assert (err.value.code, err.value.stage) == ("missing", "publish")
+
+
 def test_write_failure_for_an_input_that_cannot_be_read_writes_only_the_record(raw, objects):
     raw.create_bucket(Bucket="failed")
     objects.write_failure({"code": "unreadable"}, "no such bucket!", "a.png", "failed", "a.png")  # returns: no loop

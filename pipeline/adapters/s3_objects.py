@@ -181,13 +181,14 @@ class S3Objects:
             raise _transient(failure, "publish") from None
 
     def copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str) -> None:
-        """A server-side copy with the source's metadata (one request: objects up to 5 GB)."""
+        """A server-side copy with the source's metadata (one request: objects up to 5 GB).
+
+        Every failure is transient, a missing object too: what is copied is an output (a duplicate's copy) or an
+        input already settled (disposition move), and neither makes the input in hand a failure; a later look
+        finds the output gone (and makes it again) or the input gone (nothing left to move)."""
         try:
             self._copy(src_bucket, src_key, dst_bucket, dst_key)
         except AwsFailure as failure:
-            if failure.kind == MISSING:
-                raise InputRejected("the object disappeared before it could be copied",
-                                    stage="publish", code="vanished") from None
             raise _transient(failure, "publish") from None
 
     def _copy(self, src_bucket: str, src_key: str, dst_bucket: str, dst_key: str) -> None:
