@@ -29,7 +29,14 @@ def open_processor(settings, mode: str = "oneshot", *, max_receive_count: int | 
     ledger = open_ledger(ledger_at, settings.lease_s, clients)
     # S3: no start-up sweep (it would read every ledger row at each cold start); an interrupted publish is
     # finished by the next claim on it instead, once its lease runs out (RESUME_PUBLISH)
-    return Processor(engine, spec, options, ledger, outbox, failed_place, recover=not is_s3_uri(ledger_at))
+    processor = Processor(engine, spec, options, ledger, outbox, failed_place, recover=not is_s3_uri(ledger_at))
+    # only after recovery: a killed process's staged output is what recovery renames into place
+    from pipeline.adapters.sqlite_ledger import pid_alive
+
+    for place in (outbox, failed_place):
+        if hasattr(place, "remove_orphans"):
+            place.remove_orphans(pid_alive)  # temp files of processes that were killed
+    return processor
 
 
 class _Clients:
@@ -55,11 +62,8 @@ def open_place(location: str, clients: _Clients):
         bucket, prefix = parse_s3_uri(location)
         return S3Place(S3Objects(clients.s3()), bucket, prefix)
     from pipeline.adapters.local_files import LocalPlace
-    from pipeline.adapters.sqlite_ledger import pid_alive
 
-    place = LocalPlace(Path(location))
-    place.remove_orphans(pid_alive)  # temp files of processes that were killed
-    return place
+    return LocalPlace(Path(location))
 
 
 def open_ledger(location: str, lease_s: float, clients: _Clients):

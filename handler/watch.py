@@ -29,6 +29,7 @@ def run_watch(settings) -> int:
     inbox = Path(settings.inbox)
     if not inbox.is_dir():
         raise ConfigError(f"the inbox {inbox} is not a folder")
+    stop = StopFlag()  # before the engine loads: a SIGTERM during start-up is a clean stop too
     processor = open_processor(settings, "watch")
     ops = Ops.for_processor(processor, interval_s=0.5)  # the loop below wakes at least every 0.5 s
     processed = Path(settings.processed) if settings.processed else inbox / "processed"
@@ -37,7 +38,6 @@ def run_watch(settings) -> int:
         Path(p).name for p in (settings.outbox, settings.failed_location(), processed)
         if not is_s3_uri(str(p)) and Path(p).resolve().parent == inbox.resolve()
     )
-    stop = StopFlag()
     from handler.inbox_watch import InboxWatcher
 
     watcher = InboxWatcher(inbox, poll=settings.poll, settle_s=settings.settle_s, rescan_s=settings.rescan_s,

@@ -48,6 +48,7 @@ class Place(Protocol):
     def copy(self, from_url: str, rel: str) -> str: ...
     def put_failure(self, rel: str, record: dict, data: bytes | None) -> str: ...  # a new, unique record
     def remove_failure(self, where: str) -> None: ...
+    def failures_of(self, rel: str, source: str) -> list[str]: ...  # records under rel's names naming source
 
 
 @dataclass
@@ -199,19 +200,21 @@ class Processor:
         job = Job(src)
         t0 = time.perf_counter()
         try:
-            job.prior = self.ledger.source(src.id)
-            if self._settled(job.prior, self._fp(src.fingerprint())) and (
-                    self.opt.disposition == "keep" or job.prior.outcome == "failed"):
-                return Result(src, "skipped", job.prior.output, detail=f"already {job.prior.outcome}")
+            job.prior = prior = self.ledger.source(src.id)
+            # a failure whose bytes were never read (sha None) left the input where it was: nothing to dispose of
+            if self._settled(prior, self._fp(src.fingerprint())) and (
+                    self.opt.disposition == "keep" or (prior.outcome == "failed" and prior.sha256 is None)):
+                return Result(src, "skipped", prior.output, detail=f"already {prior.outcome}")
             data, seen = src.read(self.opt.limits.max_bytes)
             job.fingerprint = self._fp(seen)
-            if self._settled(job.prior, job.fingerprint):
+            if self._settled(prior, job.fingerprint):
                 # settled, but a crash came between the ledger and the disposition: finish that, on these bytes
-                src.dispose(self.opt.disposition)
-                return Result(src, "skipped", job.prior.output, detail=f"already {job.prior.outcome}")
+                # (a failed input's bytes are in the failed place: that move is a delete here)
+                src.dispose("delete" if prior.outcome == "failed" else self.opt.disposition)
+                return Result(src, "skipped", prior.output, detail=f"already {prior.outcome}")
             job.data = data
-            check_size(len(data), self.opt.limits)
             job.sha = hashlib.sha256(data).hexdigest()
+            check_size(len(data), self.opt.limits)
             job.timings["read"] = time.perf_counter() - t0
 
             header = codec.read_header(data)
@@ -352,23 +355,27 @@ class Processor:
             raise ClaimLost(f"the claim on {job.key} was taken over while the item was in work")
 
     def _done(self, job: "Job", out_url: str, etag: str) -> None:
-        """Settle the item and its source as done, then clear a failure of this source and dispose of it."""
+        """Settle the item and its source as done, then dispose of the input."""
+        self._clear_failure(job)
         self.ledger.mark_done(job.key, job.generation, source=job.src.id, fingerprint=job.fingerprint,
                               sha256=job.sha, output=out_url, output_etag=etag)
         self._gave_back(job)
         self._let_go(job)
-        self._settled_now(job)
+        job.src.dispose(self.opt.disposition)
 
-    def _settled_now(self, job: "Job") -> None:
-        """The source has an output now: a failure recorded for it before is no longer true (failed/ shows what
-        is failed now); then the disposition, on the bytes that were read."""
+    def _remove_failure(self, where: str) -> None:
+        try:
+            self.failed.remove_failure(where)
+        except Exception as exc:  # noqa: BLE001 - a stale record is untidy, not a loss
+            log.warning("could not remove the earlier failure record %s: %s", where, exc)
+
+    def _clear_failure(self, job: "Job") -> None:
+        """The source is about to be settled as done: a failure recorded for it before is no longer true
+        (failed/ shows what is failed now). Removed before the ledger forgets where it is: a crash in between
+        only means the source is looked at again."""
         prior = job.prior
         if prior is not None and prior.outcome == "failed" and prior.output:
-            try:
-                self.failed.remove_failure(prior.output)
-            except Exception as exc:  # noqa: BLE001 - a stale record is untidy, not a loss
-                log.warning("could not remove the earlier failure record %s: %s", prior.output, exc)
-        job.src.dispose(self.opt.disposition)
+            self._remove_failure(prior.output)
 
     # -- the rest ---------------------------------------------------------------------------------------------
 
@@ -421,10 +428,11 @@ class Processor:
 
     def _duplicate(self, job: "Job", row) -> Result:
         src, first = job.src, row.output
+        self._clear_failure(job)
         if first == job.out_url:  # this very output, finished before a crash, a restart or a settings change
             self.ledger.record_source(src.id, fingerprint=job.fingerprint, sha256=job.sha, key=job.key,
                                       outcome="done", output=first, detail=None, output_etag=row.output_etag)
-            self._settled_now(job)
+            src.dispose(self.opt.disposition)
             return Result(src, "skipped", first, "already done", sha256=job.sha)
         output, etag = first, row.output_etag
         if self.opt.on_duplicate == "copy":
@@ -432,7 +440,7 @@ class Processor:
             etag = self.outbox.etag(output)
         self.ledger.record_source(src.id, fingerprint=job.fingerprint, sha256=job.sha, key=job.key,
                                   outcome="duplicate", output=output, detail=f"duplicate of {first}", output_etag=etag)
-        self._settled_now(job)
+        src.dispose(self.opt.disposition)
         return Result(src, "duplicate", output, detail=f"same content as {self.outbox.name(first)}", sha256=job.sha)
 
     def _fail(self, job: "Job", exc: InputRejected) -> Result:
@@ -442,15 +450,23 @@ class Processor:
             "model": self.spec.name, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "input": src.id, "retryable": False,
         }
+        # this source's earlier records: the one the ledger knows is replaced after the new one is written (a
+        # crash in between leaves two, never none); ones that a process killed between its record and the ledger
+        # left behind are unknown to the ledger and go first, so the new record takes the plain name again
+        prior = job.prior
+        known = prior.output if prior is not None and prior.outcome == "failed" and prior.output else None
+        try:
+            orphans = set(self.failed.failures_of(src.rel, src.id)) - {known}
+        except Exception as scan_error:  # noqa: BLE001 - a stale record is untidy, not a loss
+            log.warning("could not look for earlier failure records of %r: %s", src.rel, scan_error)
+            orphans = set()
+        for old in orphans:
+            self._remove_failure(old)
         where = self.failed.put_failure(src.rel, record, job.data)  # the bytes read, never the path again
         self.ledger.record_source(src.id, fingerprint=job.fingerprint, sha256=job.sha, key=job.key,
                                   outcome="failed", output=where, detail=exc.message)
-        prior = job.prior
-        if prior is not None and prior.outcome == "failed" and prior.output and prior.output != where:
-            try:
-                self.failed.remove_failure(prior.output)  # the new record replaces this source's old one
-            except Exception as remove_error:  # noqa: BLE001
-                log.warning("could not remove the earlier failure record %s: %s", prior.output, remove_error)
+        if known and known != where:
+            self._remove_failure(known)
         if self.opt.disposition != "keep" and job.data is not None:
             src.dispose("delete")  # its bytes are in the failed place now: that is the move
         log.warning("failed %r at %s: %s", src.rel, exc.stage, exc.message)

@@ -6,6 +6,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -143,6 +144,12 @@ def candidates(path: Path):
     yield path
     for n in itertools.count(2):
         yield path.with_name(f"{path.stem} ({n}){path.suffix}")
+
+
+def failure_names(name: str) -> re.Pattern:
+    """The record names `candidates` makes for `name`: NAME.error.json, NAME (2).error.json, …"""
+    stem, suffix = os.path.splitext(name)
+    return re.compile(re.escape(stem) + r"( \(\d+\))?" + re.escape(suffix) + re.escape(RECORD_SUFFIX))
 
 
 def byte_len(name: str) -> int:
@@ -407,6 +414,26 @@ class LocalPlace:
         finally:
             record_temp.unlink(missing_ok=True)
             data_temp.unlink(missing_ok=True)
+
+    def failures_of(self, rel: str, source: str) -> list[str]:
+        """The failure records under `rel`'s names (NAME, NAME (2), …) whose input is `source`: what a process
+        killed between writing a record and the ledger left behind, found again by the next failure."""
+        base = self.root / self.failure_rel(rel)
+        names = failure_names(base.name)
+        try:
+            entries = os.listdir(base.parent)
+        except OSError:
+            return []
+        found = []
+        for entry in entries:
+            if names.fullmatch(entry):
+                try:
+                    record = json.loads((base.parent / entry).read_bytes())
+                except (OSError, ValueError):
+                    continue
+                if isinstance(record, dict) and record.get("input") == source:
+                    found.append(str(base.parent / entry[: -len(RECORD_SUFFIX)]))
+        return found
 
     def remove_failure(self, where: str) -> None:
         """Remove WHERE and WHERE.error.json (missing is fine); nothing outside this place is touched."""

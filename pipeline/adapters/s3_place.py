@@ -4,7 +4,8 @@ Built on `S3Objects` (the boto3 calls); keys are made safe by `pipeline.s3keys`.
 import json
 from pathlib import PurePosixPath
 
-from pipeline.adapters.local_files import FAILURE_ROOM, RECORD_SUFFIX, Staged, byte_len, candidates, shortened
+from pipeline.adapters.local_files import (FAILURE_ROOM, RECORD_SUFFIX, Staged, byte_len, candidates, failure_names,
+                                          shortened)
 from pipeline.adapters.s3_objects import S3Objects
 from pipeline.errors import InputRejected
 from pipeline.s3keys import join_key, parse_s3_uri, relative_key
@@ -127,6 +128,25 @@ class S3Place:
                 self.objects.delete(self.bucket, key + RECORD_SUFFIX)  # no record that claims bytes it lacks
                 raise
         return f"s3://{self.bucket}/{key}"
+
+    def failures_of(self, rel: str, source: str) -> list[str]:
+        """The failure records under `rel`'s names (KEY, KEY (2), …) whose input is `source` (see LocalPlace)."""
+        key = self.failure_key(rel)
+        folder, _, name = key.rpartition("/")
+        names = failure_names(name)
+        stem = PurePosixPath(name).stem
+        found = []
+        for info in self.objects.list(self.bucket, f"{folder}/{stem}" if folder else stem):
+            entry = info.key.rpartition("/")[2]
+            if info.key.rpartition("/")[0] != folder or not names.fullmatch(entry):
+                continue
+            try:
+                record = json.loads(self.objects.read(self.bucket, info.key, 1 << 20)[0])
+            except (InputRejected, ValueError):
+                continue
+            if isinstance(record, dict) and record.get("input") == source:
+                found.append(f"s3://{self.bucket}/{info.key[: -len(RECORD_SUFFIX)]}")
+        return found
 
     def remove_failure(self, where: str) -> None:
         """Remove WHERE and WHERE.error.json (missing is fine); nothing outside this prefix is touched."""
