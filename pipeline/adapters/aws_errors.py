@@ -38,7 +38,7 @@ _THROTTLING = {"SlowDown", "Throttling", "ThrottlingException", "ThrottledExcept
                "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded",
                "BandwidthLimitExceeded", "LimitExceededException", "ProvisionedThroughputExceededException",
                "PriorRequestNotComplete", "EC2ThrottledException", "TransactionInProgressException"}
-# 4xx answers that still mean "try again"
+# "try again", whatever the status says
 _TRY_AGAIN = {"RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
               "OperationAborted", "IDPCommunicationError"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
