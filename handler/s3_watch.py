@@ -19,12 +19,12 @@ log = logging.getLogger("superres")
 
 def run_s3_watch(settings) -> int:
     bucket, prefix = parse_s3_uri(settings.inbox)
+    stop = StopFlag()  # before the engine loads: a SIGTERM during start-up is a clean stop too
     processor = open_processor(settings, "watch")
     ops = Ops.for_processor(processor, interval_s=settings.rescan_s)  # one listing per rescan_s
     objects = S3Objects(s3_client(settings.s3_endpoint_url))
     guard = loop_guard(settings)
     processed = parse_s3_uri(settings.processed) if settings.processed else None
-    stop = StopFlag()
     seen: set[tuple[str, str]] = set()  # (key, etag) settled in this process: spares a ledger read per poll
     ops.serve(settings.metrics_port, settings.metrics_host)
     log.info("watching", extra={"fields": {"inbox": settings.inbox, "outbox": settings.outbox}})

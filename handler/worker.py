@@ -75,11 +75,12 @@ def run_worker(settings, *, max_messages: int | None = None, idle_exit_s: float 
     if not settings.outbox or not is_s3_uri(settings.outbox):
         raise ConfigError("worker needs an S3 outbox: --outbox s3://bucket/prefix/ (or SUPERRES_OUTBOX)")
     sqs = sqs_client(settings.s3_endpoint_url)
+    state = {"waiting": False}
+    # before the engine loads: a SIGTERM during start-up is a clean stop too
+    stop = StopFlag(on_stop=lambda: _raise_if_waiting(state))
     processor = open_processor(settings, "worker", max_receive_count=max_receive_count(sqs, settings.queue_url))
     ops = Ops.for_processor(processor, interval_s=settings.wait_s)  # one long poll per wait_s
     runner = EventRunner(processor, S3Objects(s3_client(settings.s3_endpoint_url)), settings, loop_guard(settings), ops)
-    stop = StopFlag(on_stop=lambda: _raise_if_waiting(state))
-    state = {"waiting": False}
     ops.serve(settings.metrics_port, settings.metrics_host)
     log.info("worker ready", extra={"fields": {"queue": settings.queue_url, "outbox": settings.outbox}})
     handled, idle_since, outage = 0, time.monotonic(), Backoff()

@@ -201,8 +201,9 @@ class Processor:
         t0 = time.perf_counter()
         try:
             job.prior = prior = self.ledger.source(src.id)
+            job.fingerprint = self._fp(src.fingerprint())  # what a failure to read is recorded under
             # a failure whose bytes were never read (sha None) left the input where it was: nothing to dispose of
-            if self._settled(prior, self._fp(src.fingerprint())) and (
+            if self._settled(prior, job.fingerprint) and (
                     self.opt.disposition == "keep" or (prior.outcome == "failed" and prior.sha256 is None)):
                 return Result(src, "skipped", prior.output, detail=f"already {prior.outcome}")
             data, seen = src.read(self.opt.limits.max_bytes)
@@ -393,7 +394,8 @@ class Processor:
             self._inflight_changed.notify_all()
 
     def _settle_error(self, job: "Job", exc: BaseException) -> Result:
-        """Any error ends the job: release our claim (a `publishing` row is left to recovery), then record it."""
+        """Any error ends the job: release our claim (a staged output of ours is dropped with it: the item is
+        upscaled again), then record it."""
         if job.claimed:
             try:
                 self.ledger.release(job.key, job.generation)
