@@ -31,13 +31,14 @@ def is_temp_name(name: str) -> bool:
     )
 
 
-@dataclass(slots=True)  # one per inbox file, kept while the file is there: slots keep it small
-class _Entry:
+@dataclass(slots=True)
+class _Waiting:
+    """A name not taken yet."""
+
     sig: tuple[int, int] | None = None  # (size, mtime_ns) at the last look; None: no look since the last event
     since: float = 0.0  # when `sig` was first seen: the start of the quiet period
     inflight: bool = False  # a write event was seen and no close yet
     complete: bool = False  # known complete (renamed in, not a regular file): ready at once
-    taken: bool = False  # returned by ready(); not again until it changes
 
 
 class ReadinessTracker:
@@ -57,99 +58,88 @@ class ReadinessTracker:
     - call ready(now) at or after next_ready_at(), and look at each name it returns before taking it: a
       different size or mtime puts it back to wait (is_taken() turns False).
 
-    A returned name is remembered (with its last size and mtime) until forget(): it is returned again
-    only after a new event or a look that shows a different size or mtime.
+    A returned name is remembered with its size and mtime until forget(): it is returned again only after a
+    new event or a look that shows a different size or mtime. That is one small tuple per file left in the
+    inbox (disposition keep), so memory grows with the inbox, not with the items ever seen.
     """
 
     def __init__(self, settle_s: float, inflight_timeout_s: float = 300.0) -> None:
         self.settle_s = settle_s
         self.inflight_timeout_s = inflight_timeout_s
-        self._entries: dict[str, _Entry] = {}
-        self._open: dict[str, None] = {}  # names not taken (insertion-ordered set): only these are looked at
+        self._waiting: dict[str, _Waiting] = {}  # not taken yet: only these are looked at
+        self._taken: dict[str, tuple[int, int] | None] = {}  # returned by ready(): the state it was taken in
 
-    def _entry(self, name: str) -> _Entry:
-        entry = self._entries.get(name)
+    def _wait_again(self, name: str) -> _Waiting:
+        entry = self._waiting.get(name)
         if entry is None:
-            entry = self._entries[name] = _Entry()
-            self._open[name] = None
+            self._taken.pop(name, None)
+            entry = self._waiting[name] = _Waiting()
         return entry
-
-    def _reopen(self, name: str, entry: _Entry) -> None:
-        entry.taken = False
-        self._open[name] = None
 
     def on_written(self, name: str, now: float) -> None:
         """A created/modified event: in flight, and what we looked at before no longer counts."""
-        entry = self._entry(name)
+        entry = self._wait_again(name)
         entry.inflight, entry.complete, entry.sig = True, False, None
-        self._reopen(name, entry)
 
     def on_closed(self, name: str, now: float) -> None:
         """Closed after write: no longer in flight; ready once quiet for settle_s from the next look."""
-        entry = self._entry(name)
+        entry = self._wait_again(name)
         entry.inflight, entry.complete, entry.sig = False, False, None
-        self._reopen(name, entry)
 
     def on_attrib(self, name: str, now: float) -> None:
         """A chmod/utime event (`cp -p` sets times after its close): the wait starts again at the next look.
         A taken file is only offered again if that look shows a different size or mtime."""
-        entry = self._entry(name)
-        if not entry.taken and not entry.complete:  # a renamed-in file stays complete: its content is there
+        if name in self._taken:
+            return  # the caller's look tells whether it changed
+        entry = self._wait_again(name)
+        if not entry.complete:  # a renamed-in file stays complete: its content is there
             entry.sig = None
 
     def on_complete(self, name: str, now: float) -> None:
         """Known complete (renamed or moved in; not a regular file): ready at once."""
-        entry = self._entry(name)
+        entry = self._wait_again(name)
         entry.inflight, entry.complete, entry.sig = False, True, None
-        self._reopen(name, entry)
 
     def on_seen(self, name: str, size: int, mtime_ns: int, now: float, *, settled: bool = False) -> None:
         """A stat() of the file. `settled`: the caller knows it already looked like this settle_s ago
         (its mtime is older than that and no event was seen), so this one look is enough."""
-        entry = self._entry(name)
         sig = (size, mtime_ns)
+        if name in self._taken:
+            taken_as = self._taken[name]
+            if taken_as is None:  # first look after it was returned as complete: the state it was taken in
+                self._taken[name] = sig
+                return
+            if taken_as == sig:
+                return
+            # changed after it was taken: a candidate again
+        entry = self._wait_again(name)
         if entry.sig == sig:
-            return
-        if entry.taken and entry.sig is None:
-            # First look after it was returned as complete: this is the state it was taken in.
-            entry.sig, entry.since = sig, now
             return
         entry.sig = sig
         entry.since = now - self.settle_s if settled and not entry.inflight else now
-        if entry.taken:  # changed after it was taken: a candidate again
-            self._reopen(name, entry)
 
     def forget(self, name: str) -> None:
         """The name is gone from the inbox (deleted, moved away)."""
-        self._entries.pop(name, None)
-        self._open.pop(name, None)
+        self._waiting.pop(name, None)
+        self._taken.pop(name, None)
 
     def ready(self, now: float) -> list[str]:
         """Names ready at `now`, each returned once (until it changes): complete ones, and those quiet for
         their whole wait by `now`. The caller's look before taking one confirms it (see the class doc)."""
-        out = []
-        for name in list(self._open):
-            entry = self._entries[name]
-            if self._ready_at(entry) <= now:
-                entry.taken, entry.complete, entry.inflight = True, False, False
-                del self._open[name]
-                out.append(name)
+        out = [name for name, entry in self._waiting.items() if self._ready_at(entry) <= now]
+        for name in out:
+            self._taken[name] = self._waiting.pop(name).sig
         return out
 
     def looks_due(self) -> list[str]:
         """Names with no look since their last event: look at them now, to start their quiet period."""
-        due = []
-        for name in self._open:
-            entry = self._entries[name]
-            if entry.sig is None and not entry.complete:
-                due.append(name)
-        return due
+        return [name for name, entry in self._waiting.items() if entry.sig is None and not entry.complete]
 
     def next_ready_at(self) -> float:
         """The earliest `now` at which ready() can return a name (math.inf: none is waiting)."""
-        return min((self._ready_at(self._entries[name]) for name in self._open), default=math.inf)
+        return min(map(self._ready_at, self._waiting.values()), default=math.inf)
 
-    def _ready_at(self, entry: _Entry) -> float:
+    def _ready_at(self, entry: _Waiting) -> float:
         if entry.complete:
             return -math.inf
         if entry.sig is None:
@@ -160,13 +150,12 @@ class ReadinessTracker:
     # Queries the adapter needs.
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._waiting or name in self._taken
 
     def names(self) -> list[str]:
         """Every name known (seen and not forgotten)."""
-        return list(self._entries)
+        return [*self._waiting, *self._taken]
 
     def is_taken(self, name: str) -> bool:
         """Returned by ready() and unchanged since."""
-        entry = self._entries.get(name)
-        return entry is not None and entry.taken
+        return name in self._taken
