@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     wk = sub.add_parser("worker", parents=[engine, pipeline], help="take S3 event messages from an SQS queue")
     wk.add_argument("--queue", dest="queue_url", help="SQS queue URL (SUPERRES_QUEUE_URL)")
     wk.add_argument("--outbox", help="s3://bucket/prefix/")
+    wk.add_argument("--inbox", help="s3://bucket/prefix/: outputs keep the key's path below this prefix "
+                                    "(default: the whole key)")
     wk.add_argument("--disposition", choices=["keep", "move", "delete"])
     wk.add_argument("--batch-size", type=int, help="messages received at a time (1-10)")
     wk.add_argument("--visibility-s", type=int, help="visibility timeout kept up by heartbeats while an item is in work")
