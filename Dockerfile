@@ -6,10 +6,11 @@
 #   (podman: add --format docker, or the HEALTHCHECK is dropped from the OCI image config)
 #
 # Build args: MODEL (catalog name baked in at build time, checksum-verified; default edsr-x3) and MODEL_BASE_URL
-# (a mirror; default: each model's pinned upstream URL). To bake from a local folder, with no network:
-#   --build-context models=DIR --build-arg MODEL_BASE_URL=file:///mnt/models
+# (a mirror serving the files by name; default: each model's pinned upstream URL). No network for the model:
+#   --build-context models=DIR      (e.g. models=../shared/models: MODEL's file is taken from DIR when it is there)
 # (the `models` build context replaces the empty stage of that name and is mounted at /mnt/models for the pull;
 # the layer cache does not look at the folder's content, only at MODEL and MODEL_BASE_URL: the checksum does).
+# Run as any user: --user "$(id -u):$(id -g)" (HOME and /work are writable by every UID).
 # Nothing downloads at run time: SUPERRES_MODEL_DIR is the baked folder, read-only for the runtime user.
 #
 # Modes (docker/entrypoint.sh): watch | worker | upscale | info | models ARGS -> `superres MODE ARGS`;
@@ -39,14 +40,18 @@ FROM gpu-base AS gpu
 ARG DEBIAN_FRONTEND=noninteractive
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH TINI_SUBREAPER=1 \
-    SUPERRES_MODEL_DIR=/opt/superres/models SUPERRES_METRICS_HOST=0.0.0.0
+    SUPERRES_MODEL_DIR=/opt/superres/models SUPERRES_METRICS_HOST=0.0.0.0 HOME=/home/superres
 # tini (PID 1, see above), the runtime user, its work folder, and a venv: the same pip on every base.
+# /work and HOME are world-writable (sticky, as /tmp): `--user "$(id -u):$(id -g)"` runs as any UID, so outputs
+# on a mounted folder belong to the caller. apt's caches are removed in this layer (python:3.11-slim has none).
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends tini \
- && rm -rf /var/lib/apt/lists/* \
+ && apt-get clean \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/* \
  && useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin superres \
- && install -d -o superres -g superres /work \
+ && install -d -o superres -g superres -m 1777 /work \
+ && chmod 1777 /home/superres \
  && python3.11 -m venv /opt/venv
 WORKDIR /opt/superres/src
 # Dependencies first, read from pyproject.toml itself (one list, no copy to drift): this layer is rebuilt only
@@ -55,7 +60,8 @@ COPY pyproject.toml ./
 ARG EXTRAS=lambda,gpu
 RUN python -c "import os, tomllib; t = tomllib.load(open('pyproject.toml', 'rb')); x = t['project']['optional-dependencies']; print('\n'.join(t['build-system']['requires'] + t['project']['dependencies'] + [r for e in os.environ['EXTRAS'].split(',') if e for r in x[e]]))" > /tmp/requirements.txt \
  && pip install --no-cache-dir -r /tmp/requirements.txt \
- && rm /tmp/requirements.txt
+ && rm /tmp/requirements.txt \
+ && find /opt/venv/lib/python3.11/site-packages -mindepth 2 -type d -name tests -prune -exec rm -rf {} +
 COPY README.md ./
 COPY handler ./handler
 COPY pipeline ./pipeline
@@ -65,8 +71,16 @@ RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
  && pip check
 ARG MODEL=edsr-x3
 ARG MODEL_BASE_URL=
+# MODEL's file in the `models` build context (if given) is baked from there; else it is downloaded. Either way
+# the catalog's checksum is verified (a wrong local file fails the build, it is not replaced by a download).
 RUN --mount=type=bind,from=models,target=/mnt/models \
-    superres models pull "$MODEL" --model-dir "$SUPERRES_MODEL_DIR" ${MODEL_BASE_URL:+--base-url "$MODEL_BASE_URL"}
+    base="$MODEL_BASE_URL" \
+ && superres models list --model-dir /mnt/models >/tmp/context-models.txt \
+ && if [ -z "$base" ] && awk -v m="$MODEL" '$1 == m && !/ missing /{f = 1} END{exit !f}' /tmp/context-models.txt; then \
+      base=file:///mnt/models; echo "baking $MODEL from the models build context"; \
+    fi \
+ && rm /tmp/context-models.txt \
+ && superres models pull "$MODEL" --model-dir "$SUPERRES_MODEL_DIR" ${base:+--base-url "$base"}
 ENV SUPERRES_MODEL=${MODEL}
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/superres-entrypoint
 USER 10001:10001
@@ -82,14 +96,18 @@ FROM ${PYTHON_IMAGE} AS cpu
 ARG DEBIAN_FRONTEND=noninteractive
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH TINI_SUBREAPER=1 \
-    SUPERRES_MODEL_DIR=/opt/superres/models SUPERRES_METRICS_HOST=0.0.0.0
+    SUPERRES_MODEL_DIR=/opt/superres/models SUPERRES_METRICS_HOST=0.0.0.0 HOME=/home/superres
 # tini (PID 1, see above), the runtime user, its work folder, and a venv: the same pip on every base.
+# /work and HOME are world-writable (sticky, as /tmp): `--user "$(id -u):$(id -g)"` runs as any UID, so outputs
+# on a mounted folder belong to the caller. apt's caches are removed in this layer (python:3.11-slim has none).
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends tini \
- && rm -rf /var/lib/apt/lists/* \
+ && apt-get clean \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/* \
  && useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin superres \
- && install -d -o superres -g superres /work \
+ && install -d -o superres -g superres -m 1777 /work \
+ && chmod 1777 /home/superres \
  && python3.11 -m venv /opt/venv
 WORKDIR /opt/superres/src
 # Dependencies first, read from pyproject.toml itself (one list, no copy to drift): this layer is rebuilt only
@@ -98,7 +116,8 @@ COPY pyproject.toml ./
 ARG EXTRAS=lambda
 RUN python -c "import os, tomllib; t = tomllib.load(open('pyproject.toml', 'rb')); x = t['project']['optional-dependencies']; print('\n'.join(t['build-system']['requires'] + t['project']['dependencies'] + [r for e in os.environ['EXTRAS'].split(',') if e for r in x[e]]))" > /tmp/requirements.txt \
  && pip install --no-cache-dir -r /tmp/requirements.txt \
- && rm /tmp/requirements.txt
+ && rm /tmp/requirements.txt \
+ && find /opt/venv/lib/python3.11/site-packages -mindepth 2 -type d -name tests -prune -exec rm -rf {} +
 COPY README.md ./
 COPY handler ./handler
 COPY pipeline ./pipeline
@@ -108,8 +127,16 @@ RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
  && pip check
 ARG MODEL=edsr-x3
 ARG MODEL_BASE_URL=
+# MODEL's file in the `models` build context (if given) is baked from there; else it is downloaded. Either way
+# the catalog's checksum is verified (a wrong local file fails the build, it is not replaced by a download).
 RUN --mount=type=bind,from=models,target=/mnt/models \
-    superres models pull "$MODEL" --model-dir "$SUPERRES_MODEL_DIR" ${MODEL_BASE_URL:+--base-url "$MODEL_BASE_URL"}
+    base="$MODEL_BASE_URL" \
+ && superres models list --model-dir /mnt/models >/tmp/context-models.txt \
+ && if [ -z "$base" ] && awk -v m="$MODEL" '$1 == m && !/ missing /{f = 1} END{exit !f}' /tmp/context-models.txt; then \
+      base=file:///mnt/models; echo "baking $MODEL from the models build context"; \
+    fi \
+ && rm /tmp/context-models.txt \
+ && superres models pull "$MODEL" --model-dir "$SUPERRES_MODEL_DIR" ${base:+--base-url "$base"}
 ENV SUPERRES_MODEL=${MODEL}
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/superres-entrypoint
 USER 10001:10001

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -151,11 +152,10 @@ def podman(env: dict, *args: str, timeout: float = 120, check: bool = True) -> s
 @pytest.fixture(scope="session")
 def image(podman_env) -> str:
     """The `cpu` target with MODEL baked from ../shared/models through the `models` build context (no network
-    for the model; pip still fetches dependencies on a cold cache)."""
+    for the model: its file is in the context; pip still fetches dependencies on a cold cache)."""
     podman(podman_env, "build", "--format", "docker",  # docker format: OCI image configs drop HEALTHCHECK
            "--target", "cpu", "--tag", IMAGE,
-           "--build-context", f"models={SHARED_MODELS}",
-           "--build-arg", f"MODEL={MODEL}", "--build-arg", "MODEL_BASE_URL=file:///mnt/models",
+           "--build-context", f"models={SHARED_MODELS}", "--build-arg", f"MODEL={MODEL}",
            str(REPO), timeout=1200)
     return IMAGE
 
@@ -413,3 +413,67 @@ def test_stop_ends_a_one_shot_upscale_promptly(image, podman_env, tmp_path, cont
         lr = cv2.imread(str(src / path.name))
         assert cv2.imread(str(path)).shape[:2] == (lr.shape[0] * SCALE, lr.shape[1] * SCALE), path.name
     assert not [p for p in out.rglob("*") if p.name.endswith((".tmp", ".part"))]
+
+
+# -- the README's container lines, run as written ----------------------------------------------------------------
+
+README_IMAGE = "localhost/superres-readme:cpu"
+CALLER = 4321  # a non-root caller, neither root nor the image's own 10001
+
+
+def readme_container_lines() -> list[str]:
+    """The command lines of the README's "Container image" code block (comments after `#` kept: bash drops them)."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("\n## Container image\n"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.DOTALL)
+    assert block, "no bash block in the README's Container image section"
+    return [line for line in block.group(1).splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+@pytest.mark.slow
+def test_readme_container_lines_as_written(podman_env):
+    """The README's `cpu` lines, text unchanged but for the image tag and `../shared` (made absolute, the test does
+    not run beside the checkout): the offline build (model from the `models` build context), the HEALTHCHECK kept,
+    and `docker run --user "$(id -u):$(id -g)"` by a non-root caller (uid/gid CALLER: `id` answers CALLER, the
+    lines that are not engine commands run as CALLER through setpriv; `docker` is podman) into folders the caller
+    made: the outputs appear, owned by the caller."""
+    lines = [line for line in readme_container_lines() if "superres:gpu" not in line]
+    assert any(line.startswith("podman build ") and "--target cpu" in line and "--format docker" in line
+               and "--build-context models=../shared/models" in line for line in lines), lines
+    assert any('--user "$(id -u):$(id -g)"' in line and " upscale " in line for line in lines), lines
+    work = Path(tempfile.mkdtemp(prefix="superres-readme-"))
+    shims = work / ".bin"
+    try:
+        shims.mkdir()
+        (shims / "docker").write_text('#!/bin/sh\nexec podman "$@"\n')
+        (shims / "id").write_text(f'#!/bin/sh\ncase "$1" in -u|-g) echo {CALLER} ;; *) exec /usr/bin/id "$@" ;; esac\n')
+        for shim in shims.iterdir():
+            shim.chmod(0o755)
+        os.chown(work, CALLER, CALLER)
+        env = {**podman_env, "PATH": f"{shims}:{podman_env['PATH']}"}
+        outputs = {}
+        for line in lines:
+            command = line.replace("superres:cpu", README_IMAGE).replace("../shared/", f"{SHARED}/")
+            engine = re.match(r"(docker|podman)\s", command)
+            builds = engine and " build " in command
+            argv = ["bash", "-c", command] if engine else [
+                "setpriv", f"--reuid={CALLER}", f"--regid={CALLER}", "--clear-groups", "bash", "-c", command]
+            proc = subprocess.run(argv, cwd=REPO if builds else work, env={**env, "HOME": str(work)},
+                                  capture_output=True, text=True, timeout=1200 if builds else 300)
+            assert proc.returncode == 0, f"{command}\n-> exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            outputs[line] = proc.stdout
+        inspect = next(out for line, out in outputs.items() if "inspect" in line and "Healthcheck" in line)
+        assert json.loads(inspect)["Test"][-1] == "healthcheck", inspect
+        originals = sorted((work / "photos").glob("*.png"))
+        assert len(originals) == 5
+        upscaled = work / "out" / "up"
+        for path in originals:
+            lr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            sr = cv2.imread(str(upscaled / path.name), cv2.IMREAD_UNCHANGED)
+            assert sr is not None and sr.shape[:2] == (lr.shape[0] * 3, lr.shape[1] * 3), path.name
+        written = [work / "out", *(work / "out").rglob("*")]
+        wrong = [(str(p), p.stat().st_uid, p.stat().st_gid) for p in written
+                 if (p.stat().st_uid, p.stat().st_gid) != (CALLER, CALLER)]
+        assert not wrong, f"not owned by the caller {CALLER}:{CALLER}: {wrong}"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
