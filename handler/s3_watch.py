@@ -6,7 +6,7 @@ import time
 
 from handler.ops import Ops
 from handler.runtime import loop_guard, open_processor
-from handler.stop import EXIT_ENGINE_FAILED, Backoff, StopFlag
+from handler.stop import Backoff, StopFlag, how_it_ended
 from pipeline.adapters.s3_objects import S3Objects, s3_client
 from pipeline.adapters.s3_place import S3Object
 from pipeline.events import ObjectRef, drop_loops
@@ -58,9 +58,4 @@ def run_s3_watch(settings) -> int:
                 stop.sleep(0.2)
     finally:
         processor.close()
-    if processor.engine_failure:
-        ops.engine_failed(processor.engine_failure)
-        log.error("stopping: the engine failed (%s); the item was given back", processor.engine_failure)
-        return EXIT_ENGINE_FAILED
-    log.info("stopped")
-    return 0
+    return how_it_ended(processor, ops)

@@ -38,6 +38,17 @@ class StopFlag:
         self._event.wait(seconds)
 
 
+def how_it_ended(processor, ops, **fields) -> int:
+    """The exit code of a long-running mode, after its loop: 0 when it stopped as asked; EXIT_ENGINE_FAILED,
+    with /healthz turned to 503, when the engine failed on a valid input and the work in hand was given back."""
+    if processor.engine_failure:
+        ops.engine_failed(processor.engine_failure)
+        log.error("stopping: the engine failed (%s); the work in hand was given back", processor.engine_failure)
+        return EXIT_ENGINE_FAILED
+    log.info("stopped", extra={"fields": fields})
+    return 0
+
+
 class Backoff:
     """Exponential backoff with full jitter, capped: 1, 2, 4 … up to `cap_s`, for as long as the outage lasts."""
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from handler.ops import Ops
 from handler.runtime import open_processor
-from handler.stop import EXIT_ENGINE_FAILED, StopFlag
+from handler.stop import StopFlag, how_it_ended
 from pipeline.adapters.local_files import LocalFile
 from pipeline.errors import ConfigError
 from pipeline.process import Result
@@ -74,12 +74,7 @@ def run_watch(settings) -> int:
     finally:
         watcher.stop()
         processor.close()
-    if processor.engine_failure:
-        ops.engine_failed(processor.engine_failure)
-        log.error("stopping: the engine failed (%s); the item was given back", processor.engine_failure)
-        return EXIT_ENGINE_FAILED
-    log.info("stopped")
-    return 0
+    return how_it_ended(processor, ops)
 
 
 def _next(watcher, retries: list, inbox: Path) -> Path | None:

@@ -14,7 +14,7 @@ import time
 from handler.invoked import EventRunner
 from handler.ops import Ops
 from handler.runtime import loop_guard, open_processor
-from handler.stop import EXIT_ENGINE_FAILED, Backoff, StopFlag
+from handler.stop import Backoff, StopFlag, how_it_ended
 from pipeline.adapters.aws_errors import NO_QUEUE, AwsFailure, call, describe
 from pipeline.adapters.s3_objects import S3Objects, s3_client, sqs_client
 from pipeline.errors import ConfigError
@@ -118,12 +118,7 @@ def run_worker(settings, *, max_messages: int | None = None, idle_exit_s: float 
             idle_since = time.monotonic()
     finally:
         processor.close()
-    if processor.engine_failure:
-        ops.engine_failed(processor.engine_failure)
-        log.error("stopping: the engine failed (%s); its work was given back", processor.engine_failure)
-        return EXIT_ENGINE_FAILED
-    log.info("stopped", extra={"fields": {"messages": handled}})
-    return 0
+    return how_it_ended(processor, ops, messages=handled)
 
 
 def _raise_if_waiting(state: dict) -> None:

@@ -60,3 +60,37 @@ def client(service: str, endpoint: str):
     return boto3.client(service, endpoint_url=endpoint, region_name="us-east-1",
                         aws_access_key_id="testing", aws_secret_access_key="testing",
                         config=Config(retries={"mode": "standard"}))
+
+
+def keys(s3, bucket: str, prefix: str = "") -> set[str]:
+    """Every key under prefix, page by page."""
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"] for page in pages for o in page.get("Contents", [])}
+
+
+def queue_with_dlq(sqs, *, max_receives: int, visibility: int) -> tuple[str, str]:
+    """The jobs queue and its dead-letter queue (redrive after max_receives receives)."""
+    import json
+
+    dlq = sqs.create_queue(QueueName="superres-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    queue = sqs.create_queue(QueueName="superres-jobs", Attributes={
+        "VisibilityTimeout": str(visibility),
+        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receives)}),
+    })["QueueUrl"]
+    return queue, dlq
+
+
+def s3_event(bucket: str, key: str) -> str:
+    """The body of an S3 ObjectCreated notification for one object, as S3 sends it to SQS."""
+    import json
+
+    return json.dumps({"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+                                    "s3": {"bucket": {"name": bucket}, "object": {"key": key}}}]})
+
+
+def queue_depth(sqs, queue: str) -> int:
+    """Messages in the queue, visible or in flight."""
+    attrs = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=[
+        "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])

@@ -16,7 +16,8 @@ import pytest
 
 from conftest import DATASETS, SHARED_MODELS, cli_env, superres_cmd
 from handler.cli import main
-from moto_server import aws_env, client
+from moto_server import aws_env, client, queue_depth, queue_with_dlq, s3_event
+from moto_server import keys as all_keys
 
 MODEL = "fsrcnn-small-x2"
 
@@ -103,11 +104,6 @@ def aws(moto_endpoint, monkeypatch):
 
 def png(image) -> bytes:
     return cv2.imencode(".png", image)[1].tobytes()
-
-
-def all_keys(s3, bucket: str, prefix: str = "") -> set[str]:
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return {o["Key"] for page in pages for o in page.get("Contents", [])}
 
 
 def test_s3_identity_duplicates_and_the_ledger_outside_the_outbox(aws):
@@ -237,21 +233,6 @@ def test_two_watchers_sharing_an_outbox_upscale_each_item_once_with_a_lease_shor
 # -- the worker: a SIGKILL mid-item, a second message for the same content -----------------------------------------
 
 
-def make_queue(sqs, *, max_receives: int, visibility: int):
-    dlq = sqs.create_queue(QueueName="superres-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    queue = sqs.create_queue(QueueName="superres-jobs", Attributes={
-        "VisibilityTimeout": str(visibility),
-        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receives)}),
-    })["QueueUrl"]
-    return queue, dlq
-
-
-def s3_event(bucket: str, key: str) -> str:
-    return json.dumps({"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
-                                    "s3": {"bucket": {"name": bucket}, "object": {"key": key}}}]})
-
-
 def worker(endpoint: str, queue: str, log: Path, *extra: str) -> subprocess.Popen:
     cmd = [*superres_cmd(), "worker", "--queue", queue, "--outbox", "s3://outbox/done/", "--failed",
            "s3://outbox/failed/", "--model", "espcn-x2", "--wait-s", "1", "--log-format", "json", *extra]
@@ -267,19 +248,13 @@ def s3_claim_owner(s3) -> str | None:
     return None
 
 
-def queue_depth(sqs, queue: str) -> int:
-    attrs = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=[
-        "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
-    return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
-
-
 @pytest.mark.slow
 def test_a_worker_killed_mid_item_costs_nothing_and_a_second_message_waits_for_the_first(aws, tmp_path):
     """Visibility 60 s, lease 120 s, maxReceiveCount 5, as the defaults' ratios: worker A is SIGKILLed mid-item;
     B gets a second message for the same content while A's claim still runs, then A's message. Both wait for
     the claim to be taken over instead of burning receives: every output made, the DLQ empty."""
     s3, sqs, endpoint = aws
-    queue, dlq = make_queue(sqs, max_receives=5, visibility=60)
+    queue, dlq = queue_with_dlq(sqs, max_receives=5, visibility=60)
     big_photo(tmp_path / "big.png", side=1000)
     data = (tmp_path / "big.png").read_bytes()
     s3.put_object(Bucket="inbox", Key="drop/first.png", Body=data)
@@ -310,7 +285,7 @@ def test_a_worker_killed_mid_item_costs_nothing_and_a_second_message_waits_for_t
 
 def test_timings_that_cannot_work_are_refused_at_start(aws, tmp_path):
     s3, sqs, endpoint = aws
-    queue, _ = make_queue(sqs, max_receives=2, visibility=60)
+    queue, _ = queue_with_dlq(sqs, max_receives=2, visibility=60)
     env = cli_env(**aws_env(endpoint))
     base = [*superres_cmd(), "worker", "--queue", queue, "--outbox", "s3://outbox/done/", "--model", MODEL]
     r = subprocess.run(base, env=env, capture_output=True, text=True, timeout=60)

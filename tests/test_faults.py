@@ -16,7 +16,7 @@ import pytest
 from conftest import DATASETS, SHARED_MODELS, cli_env, superres_cmd
 from fault_proxy import FAULTS, FaultProxy
 from handler.cli import main
-from moto_server import aws_env, client
+from moto_server import aws_env, client, keys, queue_depth, queue_with_dlq, s3_event
 from pipeline.adapters.s3_ledger import S3Ledger
 from pipeline.adapters.s3_objects import S3Objects, s3_client
 from pipeline.errors import TransientError
@@ -126,32 +126,6 @@ def check_published_once(s3, outputs: dict[str, bytes]) -> None:
     assert keys(s3, "outbox", "failed/") == set()
 
 
-def make_queue(sqs, *, max_receives: int):
-    dlq = sqs.create_queue(QueueName="superres-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    queue = sqs.create_queue(QueueName="superres-jobs", Attributes={
-        "VisibilityTimeout": str(VISIBILITY_S),
-        "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receives)}),
-    })["QueueUrl"]
-    return queue, dlq
-
-
-def s3_event(bucket: str, key: str) -> str:
-    return json.dumps({"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
-                                    "s3": {"bucket": {"name": bucket}, "object": {"key": key}}}]})
-
-
-def queue_depth(sqs, queue: str) -> int:
-    attrs = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=[
-        "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
-    return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
-
-
-def keys(s3, bucket: str, prefix: str) -> set[str]:
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return {o["Key"] for page in pages for o in page.get("Contents", [])}
-
-
 def wait_for(check, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -175,7 +149,7 @@ def test_faults_on_every_tenth_request_and_an_outage_cost_no_image(moto_endpoint
     outputs = expected(tmp_path, [f"done/{name}" for name in names], images)  # outputs keep the whole key
     for name, data in zip(names, images):
         s3.put_object(Bucket="inbox", Key=name, Body=data)
-    queue, dlq = make_queue(sqs, max_receives=5)
+    queue, dlq = queue_with_dlq(sqs, max_receives=5, visibility=VISIBILITY_S)
 
     started = time.monotonic()
     with FaultProxy(moto_endpoint, rate=0.12, seed=20261201) as proxy:
