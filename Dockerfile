@@ -71,7 +71,8 @@ RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
  && pip check
 ARG MODEL=edsr-x3
 ARG MODEL_BASE_URL=
-# MODEL's file in the `models` build context (if given) is baked from there; else it is downloaded. Either way
+# MODEL's file in the `models` build context (if given) is baked from there; else it is downloaded (from
+# MODEL_BASE_URL when set: then it is used even with a context). Either way
 # the catalog's checksum is verified (a wrong local file fails the build, it is not replaced by a download).
 RUN --mount=type=bind,from=models,target=/mnt/models \
     base="$MODEL_BASE_URL" \
@@ -127,7 +128,8 @@ RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
  && pip check
 ARG MODEL=edsr-x3
 ARG MODEL_BASE_URL=
-# MODEL's file in the `models` build context (if given) is baked from there; else it is downloaded. Either way
+# MODEL's file in the `models` build context (if given) is baked from there; else it is downloaded (from
+# MODEL_BASE_URL when set: then it is used even with a context). Either way
 # the catalog's checksum is verified (a wrong local file fails the build, it is not replaced by a download).
 RUN --mount=type=bind,from=models,target=/mnt/models \
     base="$MODEL_BASE_URL" \
