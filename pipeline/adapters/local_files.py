@@ -288,7 +288,7 @@ class LocalFile:
 
 class Staged:
     def __init__(self, token: str | None, data: bytes | None = None):
-        self.token = token  # what the ledger remembers to finish a publish after a crash (a temp path here)
+        self.token = token  # what the ledger remembers to finish a publish after a crash (see the places)
         self.data = data
 
 
@@ -353,21 +353,35 @@ class LocalPlace:
         return self.tmp_dir / f"{tag}.{os.getpid()}.tmp"
 
     def stage(self, data: bytes, tag: str) -> Staged:
+        """The output fsynced under a temporary name. The token is `INODE:PATH`: after the rename the output
+        has the temp file's inode, which is how a later process tells our publish from an older file."""
         temp = self._temp(tag)
         write_temp(data, temp)
-        return Staged(str(temp))
+        return Staged(f"{os.stat(temp).st_ino}:{temp}")
+
+    @staticmethod
+    def _staged(token: str) -> tuple[int | None, Path]:
+        ino, sep, path = token.partition(":")
+        return (int(ino), Path(path)) if sep and ino.isdigit() else (None, Path(token))
 
     def commit(self, staged: Staged, rel: str, *, content_type: str, metadata: dict[str, str]) -> str:
         final = self.root / rel
-        commit_temp(Path(staged.token), final)
+        commit_temp(self._staged(staged.token)[1], final)
         return str(final)
 
     def finish_staged(self, token: str | None, url: str) -> bool:
-        """After a crash between fsync and rename: rename a temp file still there; True if the output is now whole."""
-        if token and os.path.exists(token):
-            commit_temp(Path(token), Path(url))
+        """After a crash between fsync and rename: rename a temp file still there. True if the output is now
+        the one staged (renamed now, or before the crash: the same inode); an older file at the name is not."""
+        if not token:
+            return False
+        ino, temp = self._staged(token)
+        if temp.exists():
+            commit_temp(temp, Path(url))
             return True
-        return os.path.exists(url)
+        try:
+            return ino is not None and os.lstat(url).st_ino == ino
+        except OSError:
+            return False
 
     def copy(self, from_url: str, rel: str) -> str:
         final = self.root / rel

@@ -86,7 +86,8 @@ class S3Place:
         return info["ETag"] if info is not None else None
 
     def stage(self, data: bytes, tag: str) -> Staged:
-        return Staged(None, data)
+        """Nothing to stage (a PUT is atomic); the token is the item's tag, which the PUT carries as metadata."""
+        return Staged(tag, data)
 
     def commit(self, staged: Staged, rel: str, *, content_type: str, metadata: dict[str, str]) -> str:
         key = join_key(self.prefix, rel)
@@ -94,7 +95,11 @@ class S3Place:
         return f"s3://{self.bucket}/{key}"
 
     def finish_staged(self, token: str | None, url: str) -> bool:
-        return self.exists(url)  # the PUT happened whole, or not at all
+        """The PUT happened whole or not at all: True if the object there is the one this item put (its
+        `superres-item` metadata), not an older one at the same name."""
+        bucket, key = parse_s3_uri(url)
+        info = self.objects.head(bucket, key)
+        return info is not None and token is not None and info.get("superres-item") == token
 
     def copy(self, from_url: str, rel: str) -> str:
         bucket, key = parse_s3_uri(from_url)
