@@ -2,6 +2,7 @@
 and ledger as watch mode, with a progress bar on a terminal and a summary at the end."""
 
 import glob
+from contextlib import nullcontext
 import signal
 import logging
 import os
@@ -164,53 +165,193 @@ def run_upscale(settings, inputs: list[str]) -> int:
         raise ConfigError("give an output folder: --out DIR or s3://bucket/prefix/ (or SUPERRES_OUTBOX)")
     sources = expand_inputs(inputs, s3_endpoint_url=settings.s3_endpoint_url,
                             exclude=[settings.outbox, settings.failed_location(), settings.processed or ""])
-    processor = open_processor(settings, "oneshot")
-    counts = {"done": 0, "duplicate": 0, "failed": 0, "skipped": 0, "retry": 0, "lost-claim": 0}
+    item_filter = _filter_logs(settings)  # before the engine loads: its "engine ready" line is for -v
+    try:
+        processor = open_processor(settings, "oneshot")
+    except BaseException:
+        _unfilter_logs(item_filter)
+        raise
+    return _upscale_all(settings, processor, sources, item_filter)
+
+
+# the pipeline's own per-item lines: the one-shot's item line says the same (one line per item); shown with -v
+_PER_ITEM = ("upscaling", "failed %r at", "will retry %r", "lost the claim on %r")
+
+
+class _OneLinePerItem(logging.Filter):
+    """On the log handlers while `superres upscale` runs: below `min_level` nothing (at the default level the
+    item lines are the INFO output; "engine ready" and the like are for -v), and none of the pipeline's per-item
+    lines unless -v."""
+
+    def __init__(self, min_level: int, drop_per_item: bool) -> None:
+        super().__init__()
+        self.min_level, self.drop_per_item = min_level, drop_per_item
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self.min_level:
+            return False
+        return not (self.drop_per_item and record.name == "superres.pipeline" and isinstance(record.msg, str)
+                    and record.msg.startswith(_PER_ITEM))
+
+
+def _kind(result: Result) -> str:
+    """What the summary counts an item as."""
+    if result.outcome == "skipped":
+        if result.detail == "already failed":
+            return "still failed"  # failed in an earlier run, unchanged since: still failed
+        if result.detail.startswith("not an image"):
+            return "not images"  # skipped by its extension: not a failure
+        return "already done"
+    return result.outcome
+
+
+def _filter_logs(settings) -> "_OneLinePerItem":
+    level = logging.getLevelName(settings.log_level)
+    min_level = level if (settings.log_format == "json" or level != logging.INFO) else logging.WARNING
+    item_filter = _OneLinePerItem(min_level, drop_per_item=level > logging.DEBUG)
+    for h in logging.getLogger().handlers:
+        h.addFilter(item_filter)
+    return item_filter
+
+
+def _unfilter_logs(item_filter: "_OneLinePerItem") -> None:
+    for h in logging.getLogger().handlers:
+        h.removeFilter(item_filter)
+
+
+def _upscale_all(settings, processor, sources: list, item_filter: "_OneLinePerItem") -> int:
+    """Every source through the pipeline, one line per item (a bar on a terminal), a summary, the exit code:
+    0 all done; 1 some failed (in this run, or earlier and still failed), to retry, or not started after an
+    engine failure; 130 interrupted by SIGINT (143 by SIGTERM)."""
+    from handler.logs import native_stderr_routed, progress_bar, write_line
+    from handler.ops import engine_labels, log_result
+
+    json_logs = settings.log_format == "json"
+    level = logging.getLevelName(settings.log_level)
+    quiet = level >= logging.WARNING
+    labels = engine_labels(processor) if json_logs else {}
+    failed_place = settings.failed_location()
+    kinds = ("done", "duplicate", "failed", "already done", "still failed", "retry", "not images", "lost-claim")
+    counts = dict.fromkeys(kinds, 0)
     pixels = 0
-    stopping = []
+    stopping: list[int] = []
 
     def stop(signum, _frame):
-        stopping.append(signum)  # finish the items in hand, start no more
+        stopping.append(signum)  # first: finish the items in hand, start no more; second: abandon them too
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    bar = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(sources), unit="img", file=sys.stderr)
-
-    def report(result: Result) -> None:
-        nonlocal pixels
-        counts[result.outcome] += 1
-        pixels += result.output_pixels
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix({k: v for k, v in counts.items() if v})
-        else:
-            where = f" -> {result.output}" if result.output else ""
-            print(f"{result.outcome:<9} {result.source.id}{where}" + (f"  ({result.detail})" if result.detail else ""),
-                  file=sys.stderr, flush=True)
-
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    use_bar = sys.stderr.isatty() and not quiet and not json_logs
     started = time.perf_counter()
-    # read/decode of the next items and encode/publish of finished ones overlap the engine
+    bar = None
+    said_stopping = False
+    tiles_note = ""
+    last_draw = 0.0
+
+    def postfix() -> str:
+        seconds = time.perf_counter() - started
+        parts = [f"{k} {counts[k]}" for k in ("failed", "still failed", "retry") if counts[k]]
+        if tiles_note:
+            parts.append(tiles_note)
+        parts.append(f"{pixels / 1e6 / seconds if seconds > 0 else 0.0:.2f} Mpx/s")
+        if stopping:
+            parts.append("stopping")
+        return ", ".join(parts)
+
+    def announce_stop() -> None:
+        nonlocal said_stopping
+        if stopping and not said_stopping:
+            said_stopping = True
+            if json_logs:
+                log.warning("stopping after the items in hand", extra={"fields": {
+                    "signal": signal.Signals(stopping[0]).name}})
+            else:
+                write_line("superres: stopping after the items in hand (interrupt again to abandon them)")
+
+    def on_tiles(done: int, total: int) -> None:  # the engine's thread, after each engine call
+        nonlocal tiles_note, last_draw
+        if len(stopping) > 1:
+            raise KeyboardInterrupt  # the item in hand is given back (its claim released), not finished
+        announce_stop()
+        if bar is None or total < 2:
+            return
+        tiles_note = f"tiles {done}/{total}" if done < total else ""
+        now = time.perf_counter()
+        if now - last_draw >= 0.2 or not tiles_note:
+            last_draw = now
+            bar.set_postfix_str(postfix())
+
+    def report(result: Result) -> None:  # the writer's thread, in input order
+        nonlocal pixels
+        kind = _kind(result)
+        counts[kind] += 1
+        pixels += result.output_pixels
+        announce_stop()
+        line = f"{result.outcome:<9} {result.source.id}" + (f" -> {result.output}" if result.output else "") + (
+            f"  ({result.detail})" if result.detail else "")
+        problem = kind in ("failed", "retry", "lost-claim")
+        if json_logs:
+            log_result(result, labels)
+        elif bar is not None:
+            if problem:
+                write_line(line)  # above the bar
+            bar.update(1)
+            bar.set_postfix_str(postfix())
+        elif problem or not quiet:
+            write_line(line)
+
+    processor.on_tiles = on_tiles
+    interrupted = False
+    not_images = list(getattr(sources, "skipped", ()))  # walked or globbed, not images by their extension
+    total = len(sources) + len(not_images)
     try:
-        run_overlapped(processor, sources, report, stop=lambda: bool(stopping) or bool(processor.engine_failure))
+        with native_stderr_routed(), (progress_bar(total=total, unit="img", dynamic_ncols=True)
+                                      if use_bar else nullcontext()) as bar:
+            for path in not_images:
+                report(Result(LocalFile(Path(path), Path(path).name), "skipped", detail=NOT_AN_IMAGE))
+            # read/decode of the next items and encode/publish of finished ones overlap the engine
+            try:
+                run_overlapped(processor, sources, report,
+                               stop=lambda: bool(stopping) or bool(processor.engine_failure))
+            except KeyboardInterrupt:
+                interrupted = True
     finally:
+        processor.on_tiles = None
         processor.close()
-    if bar is not None:
-        bar.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _unfilter_logs(item_filter)
+    interrupted = interrupted or bool(stopping)
     seconds = time.perf_counter() - started
     rate = pixels / 1e6 / seconds if seconds > 0 else 0.0
-    not_started = len(sources) - sum(counts.values())
-    print(
-        f"done {counts['done']}, duplicate {counts['duplicate']}, failed {counts['failed'] + counts['retry']}, "
-        f"already done {counts['skipped']}"
-        + (f", lost claim {counts['lost-claim']} (another process finished them)" if counts["lost-claim"] else "")
-        + (f", not started {not_started} (interrupted)" if not_started else "")
-        + f"; {seconds:.1f} s, {rate:.2f} output Mpx/s"
-    )
+    not_started = total - sum(counts.values())
+    parts = [f"done {counts['done']}", f"duplicate {counts['duplicate']}",
+             f"failed {counts['failed']}" + (f" (records in {failed_place})" if counts["failed"] else ""),
+             f"already done {counts['already done']}"]
+    if counts["still failed"]:
+        parts.append(f"still failed {counts['still failed']} (records in {failed_place})")
+    if counts["retry"]:
+        parts.append(f"to retry {counts['retry']} (a passing problem: run again)")
+    if counts["not images"]:
+        parts.append(f"not images {counts['not images']}")
+    if counts["lost-claim"]:
+        parts.append(f"lost claim {counts['lost-claim']} (another process finished them)")
+    if interrupted:
+        what = "not finished" if len(stopping) > 1 else "not started"  # a second signal abandons those in hand
+        parts.append(f"interrupted ({not_started} {what})" if not_started else "interrupted")
+    elif not_started:
+        parts.append(f"not started {not_started}")
+    summary = ", ".join(parts) + f"; {seconds:.1f} s, {rate:.2f} output Mpx/s"
+    if json_logs:
+        log.info("summary", extra={"fields": {**{k.replace(" ", "_").replace("-", "_"): v for k, v in counts.items()},
+                                              "not_started": not_started, "interrupted": interrupted,
+                                              "seconds": round(seconds, 3), "output_mpx_s": round(rate, 3)}})
+    print(summary, flush=True)
     if processor.engine_failure:
         print(f"superres: error: the engine failed ({processor.engine_failure}); nothing was filed as failed for it: "
               "run again", file=sys.stderr)
-    return 1 if counts["failed"] or counts["retry"] or not_started else 0
+    if interrupted:
+        signum = stopping[0] if stopping else signal.SIGINT
+        return 128 + int(signum)  # 130: SIGINT (Ctrl-C), 143: SIGTERM
+    failures = counts["failed"] + counts["retry"] + counts["still failed"]
+    missing = getattr(sources, "missing", ())  # inputs that named nothing (said at the start)
+    return 1 if failures or not_started or processor.engine_failure or missing else 0

@@ -140,6 +140,8 @@ class Processor:
         self.batch = options.tile_batch or engine.default_batch()
         self.tile = options.tile or engine.default_tile(self.batch)
         self.engine_failure: str | None = None  # set once the engine failed on a valid input: the process is sick
+        # progress(tiles_done, tiles_total) during each engine run, on the engine's thread (the one-shot's bar)
+        self.on_tiles = None
         # keys being worked on in this process: a second item with the same content waits for the first instead
         # of claiming it again (our own claim would let it through)
         self._inflight: set[str] = set()
@@ -238,7 +240,7 @@ class Processor:
             if done is not None:
                 self._let_go(job)
                 return done
-            log.info("upscaling", extra={"fields": {"source": src.id, "sha256": job.sha, "width": header.width,
+            log.debug("upscaling", extra={"fields": {"source": src.id, "sha256": job.sha, "width": header.width,
                                                     "height": header.height, "frames": header.frames}})
             t = time.perf_counter()
             job.image = codec.decode(data, header)
@@ -298,7 +300,8 @@ class Processor:
         frames = [f for job in jobs for f in job.image.frames]
         try:
             ups = iter(upscale_frames(frames, self.engine, policy=self.opt.policy, cap_side=self.opt.cap_side,
-                                      tile=self.tile, context=self.spec.context_px, batch=self.batch))
+                                      tile=self.tile, context=self.spec.context_px, batch=self.batch,
+                                      progress=self.on_tiles))
             for job in jobs:
                 job.frames = [next(ups) for _ in job.image.frames]
                 job.timings["upscale"] = (time.perf_counter() - t) / len(jobs)  # shared calls: an even share each

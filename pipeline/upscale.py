@@ -4,6 +4,7 @@ Tiles of one padded size (and kind: gray or BGR, uint8 or uint16) go through the
 across frames and across images (`upscale_frames`): a GPU wants many small tiles per call."""
 
 import logging
+from collections.abc import Callable
 from itertools import groupby
 
 import cv2
@@ -18,8 +19,10 @@ log = logging.getLogger("superres.upscale")
 MIN_TILE = 32  # below this the overlap dominates: give the item back for a later try instead
 
 
-def upscale_many(images: list[np.ndarray], engine, tile: int, context: int, batch: int = 1) -> list[np.ndarray]:
-    """Upscale several images in overlapping tiles, keeping each tile's core: equal to the untiled results."""
+def upscale_many(images: list[np.ndarray], engine, tile: int, context: int, batch: int = 1,
+                 progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+    """Upscale several images in overlapping tiles, keeping each tile's core: equal to the untiled results.
+    `progress(tiles_done, tiles_total)` is called after each engine call (a big image is many tiles)."""
     s = engine.scale
     outs = [np.empty((im.shape[0] * s, im.shape[1] * s) + im.shape[2:], dtype=im.dtype) for im in images]
     work = [(i, t) for i, im in enumerate(images) for t in plan_tiles(im.shape[1], im.shape[0], tile, context)]
@@ -28,6 +31,7 @@ def upscale_many(images: list[np.ndarray], engine, tile: int, context: int, batc
         i, t = item
         return t.py1 - t.py0, t.px1 - t.px0, images[i].ndim, images[i].dtype.str
 
+    done_tiles = 0
     for _, group in groupby(sorted(work, key=kind), key=kind):
         group = list(group)
         for start in range(0, len(group), batch):
@@ -37,6 +41,9 @@ def upscale_many(images: list[np.ndarray], engine, tile: int, context: int, batc
             for (i, t), up in zip(chunk, ups):
                 oy, ox = (t.y0 - t.py0) * s, (t.x0 - t.px0) * s
                 outs[i][t.y0 * s:t.y1 * s, t.x0 * s:t.x1 * s] = up[oy:oy + (t.y1 - t.y0) * s, ox:ox + (t.x1 - t.x0) * s]
+            if progress is not None:
+                done_tiles += len(chunk)
+                progress(done_tiles, len(work))
     return outs
 
 
@@ -53,14 +60,14 @@ def apply_policy(frame: np.ndarray, policy: str, cap_side: int) -> np.ndarray:
 
 
 def upscale_frames(frames: list[np.ndarray], engine, *, policy: str, cap_side: int, tile: int, context: int,
-                   batch: int = 1) -> list[np.ndarray]:
+                   batch: int = 1, progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
     """Frames of one or several images. Alpha goes through the model on its own, as a gray image, so edges stay
     as sharp as the colour (the colour under transparent pixels is filled first: no dark fringes)."""
     split = [split_alpha(apply_policy(f, policy, cap_side)) for f in frames]
     planes = [color for color, _ in split] + [alpha for _, alpha in split if alpha is not None]
     while True:
         try:
-            ups = iter(upscale_many(planes, engine, tile, context, batch))
+            ups = iter(upscale_many(planes, engine, tile, context, batch, progress))
             colors = [next(ups) for _ in split]
             return [merge_alpha(color, None if alpha is None else next(ups)) for color, (_, alpha) in zip(colors, split)]
         except DeviceOutOfMemory:

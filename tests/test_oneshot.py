@@ -124,8 +124,8 @@ def test_out_inside_the_input_folder_three_times_takes_no_output_back_in(tmp_pat
     assert visible_files(photos / "up") == sorted(p.name for p in small_images[:2])
     assert visible_files(photos / "failed") == ["broken.png", "broken.png.error.json"]
     for _ in range(2):
-        main(args)
-        assert "done 0, duplicate 0, failed 0, already done 3" in capsys.readouterr().out
+        assert main(args) == 1  # broken.png failed before and is unchanged: still failed
+        assert "done 0, duplicate 0, failed 0, already done 2, still failed 1" in capsys.readouterr().out
         assert not (photos / "up" / "up").exists() and not (photos / "failed" / "failed").exists()
         assert not (photos / "up" / "failed").exists() and not (photos / "failed" / "up").exists()
         assert {k: v for k, v in snapshot(photos).items() if ".superres" not in k} == \

@@ -182,7 +182,8 @@ def test_lambda_on_direct_and_eventbridge_events(aws, monkeypatch):
 
 
 def start_worker(endpoint: str, queue: str, log_path, *extra: str) -> subprocess.Popen:
-    env = cli_env(**aws_env(endpoint), SUPERRES_MODEL=MODEL, SUPERRES_LEASE_S="8", SUPERRES_THREADS="1")
+    env = cli_env(**aws_env(endpoint), SUPERRES_MODEL=MODEL, SUPERRES_LEASE_S="8", SUPERRES_THREADS="1",
+                  SUPERRES_LOG_LEVEL="DEBUG")  # the "upscaling" line that says an item is in hand is DEBUG
     return subprocess.Popen(
         [*superres_cmd(), "worker", "--queue", queue, "--outbox", "s3://outbox/done/", "--failed", "s3://outbox/failed/",
          "--visibility-s", "10", "--wait-s", "1", *extra],

@@ -36,7 +36,8 @@ def start_watch(tmp_path: Path, *extra: str, log_name: str = "watch.log", model:
     return subprocess.Popen(
         [*(prefix or superres_cmd()), "watch", "--inbox", str(tmp_path / "inbox"), "--outbox", str(tmp_path / "outbox"),
          "--failed", str(tmp_path / "failed"), "--model", model, "--settle-s", str(settle_s), "--rescan-s", "1", *extra],
-        env=env or cli_env(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        env=env or cli_env(SUPERRES_LOG_LEVEL="DEBUG"),  # "upscaling", an item in hand, is a DEBUG line
+        stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
     )
 
 
@@ -416,7 +417,7 @@ def run_killed_at(tmp_path: Path, kill_at: str, disposition: str, log_name: str)
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER)
     proc = start_watch(tmp_path, "--disposition", disposition, log_name=log_name, model="espcn-x2",
-                       prefix=[sys.executable, str(killer)], env=cli_env(KILL_AT=kill_at, PYTHONPATH=str(REPO)))
+                       prefix=[sys.executable, str(killer)], env=cli_env(KILL_AT=kill_at, PYTHONPATH=str(REPO), SUPERRES_LOG_LEVEL="DEBUG"))
     try:
         code = proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
