@@ -4,7 +4,9 @@ Every option is also a SUPERRES_* variable (see pipeline/settings.py). Exit code
 failed (each recorded), 2 bad usage or configuration (one line, no traceback)."""
 
 import argparse
+import glob
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,10 +14,35 @@ from pipeline.errors import ConfigError, DownloadError
 from pipeline.settings import Settings, load_settings
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return f"superres {package_version('superres')}"
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "superres (version unknown: not installed)"
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """On every subcommand (and the top level): --version, -q/--quiet, -v/--verbose."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--version", action="version", version=version())
+    loud = p.add_mutually_exclusive_group()
+    loud.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="WARNING",
+                      default=argparse.SUPPRESS, help="warnings and errors only (SUPERRES_LOG_LEVEL=WARNING)")
+    loud.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="DEBUG",
+                      default=argparse.SUPPRESS, help="debug detail too (SUPERRES_LOG_LEVEL=DEBUG)")
+    return p
+
+
 def _engine_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model and engine")
-    g.add_argument("--model", help="catalog name, e.g. edsr-x3, fsrcnn-x3 (SUPERRES_MODEL)")
+    g.add_argument("--model", help="catalog name, e.g. edsr-x3, fsrcnn-x3, or a family with --scale: "
+                                   "fsrcnn (SUPERRES_MODEL)")
+    g.add_argument("--scale", type=int, help="upscaling factor: picks the family's model (--model fsrcnn --scale 3 "
+                                             "is fsrcnn-x3); with a full name it must match")
     g.add_argument("--model-dir", type=Path, help="where model files are looked up (default: the download cache)")
     g.add_argument("--engine", choices=["auto", "opencv", "torch"])
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -27,14 +54,20 @@ def _engine_options() -> argparse.ArgumentParser:
 def _pipeline_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("pipeline")
-    g.add_argument("--failed", help="folder or s3:// prefix for failed inputs and NAME.error.json (default: beside the outbox)")
+    g.add_argument("--failed", help="folder or s3:// prefix for failed inputs and NAME.error.json (default: "
+                                    "OUTBOX.failed beside the outbox, e.g. upscaled.failed/; made on the first failure)")
     g.add_argument("--policy", choices=["tile", "cap"], help="tile: full resolution (default); cap: shrink to --cap-side first")
     g.add_argument("--tile", type=int, help="tile side in input pixels (0: the engine's choice)")
     g.add_argument("--tile-batch", type=int, help="tiles per engine call (0: the engine's choice)")
     g.add_argument("--cap-side", type=int)
-    g.add_argument("--format", choices=["keep", "png", "jpeg", "webp", "tiff"], help="output format (default: keep the input's)")
-    g.add_argument("--jpeg-quality", type=int)
-    g.add_argument("--webp-quality", type=int)
+    g.add_argument("--format", type=str.lower, choices=["keep", "png", "jpeg", "jpg", "webp", "tiff", "tif"],
+                   help="output format (default: keep the input's)")
+    g.add_argument("--quality", type=int, help="JPEG and WebP quality, 1-100 (default 95)")
+    g.add_argument("--jpeg-quality", type=int, help="JPEG quality (default: --quality)")
+    g.add_argument("--webp-quality", type=int, help="WebP quality (default: --quality)")
+    g.add_argument("--suffix", help="output names NAME{SUFFIX}.ext, e.g. --suffix _x3: photo_x3.png (default: none)")
+    g.add_argument("--overwrite", action="store_const", const=True,
+                   help="process again what the ledger says is already done, and publish over its output")
     g.add_argument("--max-bytes", type=int)
     g.add_argument("--max-pixels", type=int)
     g.add_argument("--max-output-pixels", type=int, help="refuse outputs larger than this (width*height*frames)")
@@ -50,15 +83,20 @@ def _pipeline_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="superres", description="Super-resolution with OpenCV dnn_superres models.")
+    common = _common_options()
+    parser = argparse.ArgumentParser(prog="superres", description="Super-resolution with OpenCV dnn_superres models.",
+                                     parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
     engine, pipeline = _engine_options(), _pipeline_options()
 
-    up = sub.add_parser("upscale", parents=[engine, pipeline], help="upscale files, folders (recursive) and globs")
-    up.add_argument("inputs", nargs="+", help="files, folders, glob patterns or s3://bucket/key-or-prefix")
-    up.add_argument("--out", dest="outbox", help="output folder or s3://bucket/prefix/ (SUPERRES_OUTBOX)")
+    up = sub.add_parser("upscale", parents=[common, engine, pipeline], help="upscale files, folders (recursive) and globs")
+    up.add_argument("inputs", nargs="+", help="files, folders, glob patterns or s3://bucket/key-or-prefix "
+                                              "(walks and globs take image files only, by extension)")
+    up.add_argument("--out", dest="outbox", help="output folder or s3://bucket/prefix/ (SUPERRES_OUTBOX); with one "
+                                                 "input file, a name with an image extension (big.png) is the "
+                                                 "output file itself")
 
-    w = sub.add_parser("watch", parents=[engine, pipeline], help="upscale files dropped into an inbox folder")
+    w = sub.add_parser("watch", parents=[common, engine, pipeline], help="upscale files dropped into an inbox folder")
     w.add_argument("--inbox", help="folder, or s3://bucket/prefix/ (polled)")
     w.add_argument("--outbox", help="folder or s3://bucket/prefix/")
     w.add_argument("--processed", help="where settled inputs go with --disposition move (default: INBOX/processed)")
@@ -68,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--rescan-s", type=float, help="local: full rescan period; S3: listing period")
     w.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz on this port (0: off; default 9100)")
 
-    wk = sub.add_parser("worker", parents=[engine, pipeline], help="take S3 event messages from an SQS queue")
+    wk = sub.add_parser("worker", parents=[common, engine, pipeline], help="take S3 event messages from an SQS queue")
     wk.add_argument("--queue", dest="queue_url", help="SQS queue URL (SUPERRES_QUEUE_URL)")
     wk.add_argument("--outbox", help="s3://bucket/prefix/")
     wk.add_argument("--inbox", help="s3://bucket/prefix/: outputs keep the key's path below this prefix "
@@ -81,19 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz on this port (0: off; default 9100)")
     wk.add_argument("--idle-exit-s", type=float, default=None, help="stop after this long with an empty queue")
 
-    m = sub.add_parser("models", help="the model catalog")
+    m = sub.add_parser("models", parents=[common], help="the model catalog")
     msub = m.add_subparsers(dest="models_command", required=True)
     for name, text in (("list", "list catalog models and whether their files are present"),
                        ("verify", "check the checksums of the model files present")):
-        mp = msub.add_parser(name, help=text)
+        mp = msub.add_parser(name, parents=[common], help=text)
         mp.add_argument("--model-dir", type=Path)
-    pull = msub.add_parser("pull", help="download models with checksum verification")
+    pull = msub.add_parser("pull", parents=[common], help="download models with checksum verification")
     pull.add_argument("names", nargs="+")
     pull.add_argument("--model-dir", type=Path)
     pull.add_argument("--base-url", dest="model_base_url", help="a mirror serving the model files by name")
     pull.add_argument("--force", action="store_true")
 
-    sub.add_parser("info", parents=[engine], help="engine, device, model and the settings in force")
+    sub.add_parser("info", parents=[common, engine], help="engine, device, model and the settings in force")
     return parser
 
 
@@ -114,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "upscale":
             from handler.oneshot import run_upscale
 
+            settings = single_output(settings, args.inputs)
             return run_upscale(settings, args.inputs)
         if args.command == "watch":
             from handler.watch import run_watch
@@ -136,6 +175,37 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def single_output(settings: Settings, inputs: list[str]) -> Settings:
+    """`--out big.png` (a local name with an image extension, not an existing folder) and one input file: that is
+    the output file. Its folder is the outbox and its extension the format (a --format that says otherwise is an
+    error); anything but one input file is an error, rather than a folder named big.png."""
+    name = settings.output_file()
+    if name is None:
+        return settings
+    from pipeline.formats import FORMATS
+
+    one = len(inputs) == 1 and not glob.has_magic(inputs[0]) and not inputs[0].endswith("/") and (
+        inputs[0].startswith("s3://") or not os.path.isdir(inputs[0]))
+    if not one:
+        raise ConfigError(f"--out {settings.outbox} names an output file, so it takes one input file (not "
+                          f"{'a folder or a glob' if len(inputs) == 1 else f'{len(inputs)} inputs'}); "
+                          "give a folder to --out for several")
+    ext = os.path.splitext(name)[1].lower()
+    fmt = next(f for f in FORMATS.values() if ext in f.extensions)
+    if settings.suffix:
+        raise ConfigError(f"--suffix does not apply to --out {settings.outbox}, an output file: name it as wanted")
+    if settings.format != "keep":
+        if settings.format not in fmt.requested_as:
+            raise ConfigError(f"--out {settings.outbox} is a {fmt.name} file name but --format is {settings.format}")
+        return settings
+    if fmt.requested_as:
+        return settings.model_copy(update={"format": fmt.requested_as[0]})
+    if os.path.splitext(inputs[0])[1].lower() not in fmt.extensions:  # BMP, GIF: written only when kept
+        raise ConfigError(f"superres writes {fmt.name} only for a {fmt.name} input: give --out a .png, .jpg, .webp "
+                          "or .tif name")
+    return settings
+
+
 def run_models(settings: Settings, args) -> int:
     from models.catalog import get_model
     from models.files import default_model_dir, list_rows, model_status, pull
@@ -150,12 +220,21 @@ def run_models(settings: Settings, args) -> int:
             print(f"{r['name']:<16} {r['algorithm']:<8} {r['scale']:>5} {size:>10}  {r['status']}{note}")
         return 0
     if args.models_command == "verify":
+        # each catalog model: ok / bad (its checksum or size is wrong: the line says why) / missing. Exit 1 when a
+        # file is bad or none is there at all (nothing could run: a script's `models verify && ...` stops), else 0:
+        # models never pulled are not an error, most users want one or two.
+        rows = list_rows(model_dir)
+        present = [r for r in rows if r["status"] != "missing"]
+        if not present:
+            print(f"no model files in {model_dir}: run `superres models pull NAME` (see `superres models list`)")
+            return 1
+        print(f"checked {len(present)} model file(s) in {model_dir} (sha256, or git blob id and size for EDSR)")
         bad = 0
-        for r in list_rows(model_dir):
-            if r["status"] == "missing":
-                continue
-            print(f"{r['name']:<16} {r['status']}")
-            bad += r["status"] != "ok"
+        for r in rows:
+            state = r["status"] if r["status"] in ("ok", "missing") else f"bad ({r['status']})"
+            hint = f"  run `superres models pull {r['name']} --force`" if state.startswith("bad") else ""
+            print(f"{r['name']:<16} {state}{hint}")
+            bad += state.startswith("bad")
         return 1 if bad else 0
     for name in args.names:
         spec = get_model(name)
@@ -165,8 +244,24 @@ def run_models(settings: Settings, args) -> int:
 
 
 def run_info(settings: Settings) -> int:
-    from models.engines import load_engine
+    from models.catalog import get_model
+    from models.engines import load_engine, probe_hardware
+    from models.engines.base import choose_engine
+    from models.files import default_model_dir, model_path, model_status
 
+    spec = get_model(settings.model)
+    model_dir = settings.model_dir or default_model_dir()
+    state = model_status(spec, model_dir)
+    if state != "ok":  # still useful: what would run where, and what to do about the model
+        choice = choose_engine(settings.engine, settings.device, probe_hardware(settings.engine, settings.device),
+                               fastest_on_cpu=spec.fastest_cpu_engine)
+        fix = f"superres models pull {spec.name}" + (" --force" if state != "missing" else "")
+        doc = {"engine": choice.engine, "device": choice.device, "model": spec.name, "scale": spec.scale,
+               "model_file": str(model_path(spec, model_dir)), "model_status": state, "to_get_it": fix,
+               "settings": json.loads(settings.model_dump_json())}
+        print(json.dumps(doc, indent=2))
+        print(f"superres: model {spec.name} is {state} in {model_dir}: run `{fix}`", file=sys.stderr)
+        return 0
     engine, spec = load_engine(settings)
     batch = settings.tile_batch or engine.default_batch()
     doc = {**engine.describe(), "context_px": spec.context_px, "tile": settings.tile or engine.default_tile(batch),

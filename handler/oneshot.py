@@ -23,9 +23,44 @@ from pipeline.adapters.local_files import LocalFile
 log = logging.getLogger("superres")
 
 
-def expand_inputs(args: list[str], *, s3_endpoint_url: str | None = None, exclude: list[str] = ()) -> list:
+class Inputs(list):
+    """What expand_inputs found: the sources (this list itself), and beside them
+
+    - `skipped`: paths met in folder walks and globs that are not images by their extension (notes.txt): no
+      input, no failure; the runner shows each as a Result with outcome "skipped" and detail NOT_AN_IMAGE;
+    - `missing`: arguments that name nothing (no such file or folder, a glob matching nothing), when others do:
+      the runner says each in one line on stderr (`missing_lines`: "no such file or folder: X"), processes the
+      rest and exits 1."""
+
+    def __init__(self, sources=(), skipped=(), missing=(), missing_lines=()):
+        super().__init__(sources)
+        self.skipped: list[str] = list(skipped)
+        self.missing: list[str] = list(missing)
+        self.missing_lines: list[str] = list(missing_lines)
+
+
+NOT_AN_IMAGE = "not an image file (by extension)"
+
+
+def image_extensions() -> frozenset[str]:
+    """The extensions (lower case, with the dot) that walks and globs take: every one of pipeline.formats."""
+    from pipeline.formats import FORMATS
+
+    return frozenset(e for f in FORMATS.values() for e in f.extensions)
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in image_extensions()
+
+
+def expand_inputs(args: list[str], *, s3_endpoint_url: str | None = None, exclude: list[str] = ()) -> Inputs:
     """Files as named, folders walked (temp and hidden names skipped), globs expanded, s3:// keys and prefixes
     listed. Two inputs never share an output name: a later one with a taken relative name becomes `name (2)`.
+
+    Returns an `Inputs`: a list of the sources, with `.skipped` (walked or globbed paths whose extension is not
+    an image's: jpg/jpeg/jpe/png/webp/tif/tiff/bmp/gif, any case; a file named explicitly is tried whatever its
+    name) and `.missing` (arguments that named nothing, while others did). Every argument naming nothing is a
+    ConfigError (one line, exit 2), as is an S3 input whose bucket is missing or cannot be reached.
 
     `exclude`: the places this run writes into (outbox, failed, processed). Their contents, and any `.superres`
     folder, are never inputs: skipped in walks, globs and listings (compared as resolved real paths); an input
@@ -35,6 +70,8 @@ def expand_inputs(args: list[str], *, s3_endpoint_url: str | None = None, exclud
     Symlinks are never followed: walks and globs do not enter symlinked folders, and a symlinked file (walked,
     matched or named) is refused by LocalFile.read with a failure record and left where it is."""
     sources: list = []
+    skipped: list[str] = []
+    missing: list[tuple[str, str]] = []  # (argument, what is wrong with it)
     seen_paths: set[str] = set()
     taken: set[str] = set()
     places = [p for p in exclude if p and not is_s3_uri(str(p))]
@@ -54,6 +91,7 @@ def expand_inputs(args: list[str], *, s3_endpoint_url: str | None = None, exclud
         sources.append(LocalFile(path, candidate.as_posix(), root))
 
     objects = None
+    checked_buckets: set[str] = set()
     for arg in args:
         if is_s3_uri(arg):
             if objects is None:
@@ -62,6 +100,11 @@ def expand_inputs(args: list[str], *, s3_endpoint_url: str | None = None, exclud
             if (bucket, _folder(prefix)) in [(b, _folder(p)) for b, p in s3_places]:
                 raise ConfigError(f"{arg} is both an input and where this run writes: the upscales would overwrite "
                                   "the originals; give --out another prefix")
+            if bucket not in checked_buckets:  # a missing bucket, no credentials, a dead endpoint: said in seconds
+                from handler.runtime import check_buckets
+
+                check_buckets(s3_endpoint_url, {bucket: "input"})
+                checked_buckets.add(bucket)
             found = s3_inputs(objects, arg)
             if not found:
                 raise ConfigError(f"no objects under {arg}")
@@ -91,6 +134,9 @@ def expand_inputs(args: list[str], *, s3_endpoint_url: str | None = None, exclud
                 for name in sorted(filenames):
                     if not is_temp_name(name):
                         full = Path(dirpath) / name
+                        if not is_image_name(name):
+                            skipped.append(str(full))
+                            continue
                         add(full, full.relative_to(path), path)
         elif os.path.lexists(path):
             _refuse_inside(arg, os.path.join(os.path.realpath(path.parent), path.name), places, real_places)
@@ -98,7 +144,8 @@ def expand_inputs(args: list[str], *, s3_endpoint_url: str | None = None, exclud
         elif glob.has_magic(arg):
             matches = sorted(glob.glob(arg, recursive=True))
             if not matches:
-                raise ConfigError(f"no files match {arg!r}")
+                missing.append((arg, f"no files match {arg!r}"))
+                continue
             base = _glob_base(arg)
             before, ours = len(sources), 0
             for match in matches:
@@ -109,13 +156,19 @@ def expand_inputs(args: list[str], *, s3_endpoint_url: str | None = None, exclud
                            real_places):
                     ours += 1
                     continue
+                if not is_image_name(match):
+                    skipped.append(match)
+                    continue
                 add(Path(match), Path(os.path.basename(match)), base)
             if ours and len(sources) == before:
                 raise ConfigError(f"every file matching {arg!r} lies where this run writes (outbox, failed or "
                                   "processed folder); its own outputs are never inputs")
         else:
-            raise ConfigError(f"no such file or folder: {arg}")
-    return sources
+            missing.append((arg, f"no such file or folder: {arg}"))
+    if missing and len(missing) == len(args):
+        raise ConfigError(missing[0][1] if len(missing) == 1 else
+                          f"none of the inputs exist: {', '.join(arg for arg, _ in missing)}")
+    return Inputs(sources, skipped, [arg for arg, _ in missing], [line for _, line in missing])
 
 
 def _folder(prefix: str) -> str:
@@ -171,6 +224,8 @@ def run_upscale(settings, inputs: list[str]) -> int:
     except BaseException:
         _unfilter_logs(item_filter)
         raise
+    for line in getattr(sources, "missing_lines", ()):  # named nothing: said once, the others are processed
+        print(f"superres: error: {line}", file=sys.stderr)
     return _upscale_all(settings, processor, sources, item_filter)
 
 

@@ -1,5 +1,6 @@
 """What every entrypoint builds once: the engine (cold start), the places, the ledger, the processor."""
 
+import os
 from pathlib import Path
 
 from models.engines import load_engine
@@ -10,22 +11,29 @@ from pipeline.settings import timing_problems
 
 
 def open_processor(settings, mode: str = "oneshot", *, max_receive_count: int | None = None) -> Processor:
-    """Check the settings, load the engine, then open the places and the ledger: a refused configuration
-    (a bad device, impossible timings) leaves nothing behind."""
+    """Check the settings and the places, load the engine, then open the places and the ledger: a refused
+    configuration (a bad device, impossible timings, an outbox that is a file, a missing bucket, no credentials,
+    an endpoint that does not answer, a missing model) is one ConfigError and leaves nothing behind."""
     options = Options.from_settings(settings)
     if settings.outbox is None:
         raise ConfigError("give an outbox: --out/--outbox DIR or s3://bucket/prefix/ (or SUPERRES_OUTBOX)")
+    if settings.output_file() and mode != "oneshot":
+        raise ConfigError(f"the outbox {settings.outbox} is named like an image file: only `superres upscale` "
+                          "with one input file writes a single file; give a folder")
+    outbox_at = settings.outbox_folder()
     failed = settings.failed_location()
     ledger_at = settings.ledger_location()
-    for location in (settings.outbox, failed, ledger_at):
+    for location in (outbox_at, failed, ledger_at):
         if is_s3_uri(location):
             parse_s3_uri(location)  # a bad bucket name is a set-up error, said now
     problems = timing_problems(settings, mode, max_receive_count=max_receive_count)
     if problems:
         raise ConfigError("; ".join(problems))
+    check_places(settings, [("outbox", outbox_at, "folder"), ("failed place", failed, "folder"),
+                            ("ledger", ledger_at, "prefix" if is_s3_uri(ledger_at) else "file")])
     engine, spec = load_engine(settings)  # after the cheap checks above, before anything is created
     clients = _Clients(settings.s3_endpoint_url)
-    outbox, failed_place = open_place(settings.outbox, clients), open_place(failed, clients)
+    outbox, failed_place = open_place(outbox_at, clients), open_place(failed, clients)
     ledger = open_ledger(ledger_at, settings.lease_s, clients)
     # S3: no start-up sweep (it would read every ledger row at each cold start); an interrupted publish is
     # finished by the next claim on it instead, once its lease runs out (RESUME_PUBLISH)
@@ -37,6 +45,71 @@ def open_processor(settings, mode: str = "oneshot", *, max_receive_count: int | 
         if hasattr(place, "remove_orphans"):
             place.remove_orphans(pid_alive)  # temp files of processes that were killed
     return processor
+
+
+def check_places(settings, places: list[tuple[str, str, str]]) -> None:
+    """Every place this process writes into can be written, before anything is read or created: a local folder
+    (or the ledger's file) is not a file and can be made or written; an S3 bucket exists and answers with our
+    credentials (one HEAD each, through a client that gives up within seconds). Each problem is a ConfigError."""
+    buckets: dict[str, str] = {}
+    for what, location, kind in places:
+        if is_s3_uri(location):
+            buckets.setdefault(parse_s3_uri(location)[0], what)
+        else:
+            _check_local(what, Path(location), kind)
+    if buckets:
+        check_buckets(settings.s3_endpoint_url, buckets)
+
+
+def _check_local(what: str, path: Path, kind: str) -> None:
+    folder = path if kind == "folder" else path.parent
+    if kind == "file" and path.is_dir():
+        raise ConfigError(f"the {what} {path} is a folder, not a file: give --ledger a file name")
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"the {what} {folder} is a file, not a folder: give --{_flag(what)} a folder")
+    probe = folder.absolute()
+    while not probe.exists() and probe != probe.parent:  # the nearest part that exists is where it gets made
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"the {what} {folder} cannot be made: {probe} is a file; give --{_flag(what)} another place")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        verb = "written" if probe == folder.absolute() else f"made in {probe}"
+        raise ConfigError(f"the {what} {folder} cannot be {verb}: permission denied; give --{_flag(what)} a place "
+                          "you can write")
+
+
+def _flag(what: str) -> str:
+    return {"outbox": "out", "failed place": "failed"}.get(what, "ledger")
+
+
+def check_buckets(endpoint_url: str | None, buckets: dict[str, str]) -> None:
+    from pipeline.adapters import aws_errors
+    from pipeline.adapters.s3_objects import s3_client
+
+    # its own client: few tries, short timeouts (a refused connection is said within a second or two; a lost
+    # answer or a throttle is still tried again). The working client's retries would make a dead endpoint a long
+    # wait, then a "retry" for every input.
+    client = s3_client(endpoint_url, max_attempts=2, connect_timeout=3, read_timeout=10)
+    where = endpoint_url or "AWS S3"
+    for bucket, what in buckets.items():
+        try:
+            aws_errors.call(f"HEAD bucket {bucket}", client.head_bucket, Bucket=bucket, tries=2)
+        except aws_errors.AwsFailure as failure:
+            kind, exc = failure.kind, failure.cause
+            if kind in (aws_errors.NO_BUCKET, aws_errors.MISSING):
+                message = f"the {what}'s bucket {bucket!r} does not exist at {where}"
+            elif kind == aws_errors.CREDENTIALS:
+                message = (f"no usable AWS credentials for the {what}'s bucket {bucket!r} "
+                           f"({aws_errors.describe(exc)}): set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+            elif kind == aws_errors.DENIED:
+                message = f"access to the {what}'s bucket {bucket!r} is denied to these credentials"
+            elif kind == aws_errors.BAD_BUCKET:
+                message = f"{bucket!r} cannot be a bucket name ({aws_errors.describe(exc)})"
+            elif kind == aws_errors.TRANSIENT:
+                message = f"the S3 endpoint {where} does not answer ({aws_errors.describe(exc)})"
+            else:
+                message = f"the {what}'s bucket {bucket!r} cannot be used: {aws_errors.describe(exc)}"
+            raise ConfigError(" ".join(message.split())) from None
 
 
 class _Clients:

@@ -103,6 +103,9 @@ class Options:
     dedup: bool
     on_duplicate: str
     disposition: str  # keep | move | delete
+    suffix: str = ""  # output names NAME{suffix}.ext
+    output_name: str | None = None  # `--out big.png`: the one output's name in the outbox folder
+    overwrite: bool = False  # settled sources are new work again, and their outputs are published over
 
     @classmethod
     def from_settings(cls, s) -> "Options":
@@ -110,15 +113,20 @@ class Options:
             limits=Limits(s.max_bytes, s.max_pixels, s.max_side, s.min_side), max_output_pixels=s.max_output_pixels,
             policy=s.policy, cap_side=s.cap_side, tile=s.tile, tile_batch=s.tile_batch, out_format=s.format,
             jpeg_quality=s.jpeg_quality, webp_quality=s.webp_quality, dedup=s.dedup,
-            on_duplicate=s.on_duplicate, disposition=s.disposition,
+            on_duplicate=s.on_duplicate, disposition=s.disposition, suffix=s.suffix,
+            output_name=s.output_file(), overwrite=s.overwrite,
         )
 
 
-def output_rel(rel: str, ext: str) -> str:
+def output_rel(rel: str, ext: str, suffix: str = "") -> str:
     """Keep the input's name; when the format changes, append the new extension (a.jpg -> a.jpg.png), so
-    a.jpg and a.png never land on the same output."""
-    suffix = PurePosixPath(rel).suffix.lower()
-    same = suffix == ext or (suffix in (".jpeg", ".jpe") and ext == ".jpg") or (suffix == ".tiff" and ext == ".tif")
+    a.jpg and a.png never land on the same output. A `suffix` goes after the name's stem, before its extensions:
+    a.png -> a_x3.png, a.jpg -> a_x3.jpg.png (still apart from a.png's a_x3.png)."""
+    path = PurePosixPath(rel)
+    old = path.suffix.lower()
+    same = old == ext or (old in (".jpeg", ".jpe") and ext == ".jpg") or (old == ".tiff" and ext == ".tif")
+    if suffix:
+        rel = str(path.with_name(path.stem + suffix + path.suffix))
     return rel if same else rel + ext
 
 
@@ -137,6 +145,8 @@ class Processor:
         self.policy = policy_id(options.policy, options.cap_side)
         self.request = request_id(spec.name, spec.scale, self.policy, options.out_format, options.jpeg_quality,
                                   options.webp_quality)
+        if options.suffix:  # another output name: a source done without it is not done with it
+            self.request += f"|suffix={options.suffix}"
         self.batch = options.tile_batch or engine.default_batch()
         self.tile = options.tile or engine.default_tile(self.batch)
         self.engine_failure: str | None = None  # set once the engine failed on a valid input: the process is sick
@@ -205,12 +215,12 @@ class Processor:
             job.prior = prior = self.ledger.source(src.id)
             job.fingerprint = self._fp(src.fingerprint())  # what a failure to read is recorded under
             # a failure whose bytes were never read (sha None) left the input where it was: nothing to dispose of
-            if self._settled(prior, job.fingerprint) and (
+            if not self.opt.overwrite and self._settled(prior, job.fingerprint) and (
                     self.opt.disposition == "keep" or (prior.outcome == "failed" and prior.sha256 is None)):
                 return Result(src, "skipped", prior.output, detail=f"already {prior.outcome}")
             data, seen = src.read(self.opt.limits.max_bytes)
             job.fingerprint = self._fp(seen)
-            if self._settled(prior, job.fingerprint):
+            if not self.opt.overwrite and self._settled(prior, job.fingerprint):
                 # settled, but a crash came between the ledger and the disposition: finish that, on these bytes
                 # (a failed input's bytes are in the failed place: that move is a delete here)
                 src.dispose("delete" if prior.outcome == "failed" else self.opt.disposition)
@@ -229,7 +239,7 @@ class Processor:
                          max_output_pixels=self.opt.max_output_pixels, available_bytes=available_memory(),
                          input_bytes=len(data))
             job.content_type = content_type(job.fmt)
-            job.rel_out = output_rel(src.rel, ext)
+            job.rel_out = self.opt.output_name or output_rel(src.rel, ext, self.opt.suffix)
             job.out_url = self.outbox.url(job.rel_out)
             quality = {"JPEG": self.opt.jpeg_quality, "WEBP": self.opt.webp_quality}.get(job.fmt)
             variant = output_variant(self.spec.name, self.spec.scale, self.policy, job.fmt, quality)
@@ -258,7 +268,9 @@ class Processor:
                                 "not overwritten (names that differ only by '//' or '/./' are one name)",
                                 stage="publish", code="output_collision")
         outcome, row = self.ledger.claim(key, source=src.id, output=job.out_url)
-        if outcome is ClaimOutcome.DUPLICATE and not output_intact(row.output_etag, self.outbox.etag(row.output)):
+        if outcome is ClaimOutcome.DUPLICATE and (
+                not output_intact(row.output_etag, self.outbox.etag(row.output))
+                or (self.opt.overwrite and row.output == job.out_url)):  # --overwrite: this very output, again
             self.ledger.reopen(key, row.generation)  # the output was removed or replaced since: do the work again
             outcome, row = self.ledger.claim(key, source=src.id, output=job.out_url)
         if outcome is ClaimOutcome.BUSY:
@@ -339,11 +351,13 @@ class Processor:
             encoded = codec.encode(job.image, job.fmt, jpeg_quality=self.opt.jpeg_quality, webp_quality=self.opt.webp_quality)
             job.timings["encode"] = time.perf_counter() - t
             t = time.perf_counter()
-            staged = self.outbox.stage(encoded, job.sha[:32])
+            tag = hashlib.sha256(job.key.encode()).hexdigest()[:32]  # this item: content and settings
+            staged = self.outbox.stage(encoded, tag)
             # fenced: a process that lost its claim stops here, before the outbox is touched
             self.ledger.mark_publishing(job.key, job.generation, staged.token)
-            out_url = self.outbox.commit(staged, job.rel_out, content_type=job.content_type,
-                                         metadata=src.metadata(job.sha, self.spec.name))
+            metadata = {"source-sha256": job.sha, "model": self.spec.name, "superres-item": tag,
+                        **src.metadata(job.sha, self.spec.name)}
+            out_url = self.outbox.commit(staged, job.rel_out, content_type=job.content_type, metadata=metadata)
             etag = self.outbox.etag(out_url)
             if etag is None:
                 raise TransientError(f"{out_url} is not there right after its publish", stage="publish")

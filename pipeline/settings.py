@@ -1,10 +1,11 @@
 """The one `Settings` of superres: every option is a `SUPERRES_*` environment variable (or `.env` line)
 and, for the CLI, a flag. Validated at start; a bad value is a `ConfigError` (exit 2)."""
 
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.errors import ConfigError
@@ -16,7 +17,7 @@ class Settings(BaseSettings):
     # where things are: local folders or s3://bucket/prefix/
     inbox: str | None = None
     outbox: str | None = None
-    failed: str | None = None  # default: beside the outbox, named "failed"
+    failed: str | None = None  # default: <outbox>.failed beside the outbox (see failed_location)
     processed: str | None = None  # default: <inbox>/processed (only used with disposition=move)
     # a SQLite file or an s3:// prefix; default: <outbox>/.superres/ledger.sqlite3, or for an S3 outbox
     # s3://<outbox bucket>/.superres/ledger/<outbox prefix>/ (outside the outbox prefix: it holds outputs only)
@@ -29,6 +30,7 @@ class Settings(BaseSettings):
 
     # the model and where it runs
     model: str = "edsr-x3"
+    scale: int | None = Field(None, ge=1)  # with a family name (fsrcnn): picks fsrcnn-x<scale>; else must match
     model_dir: Path | None = None  # default: the download cache (see models.files.default_model_dir)
     model_base_url: str | None = None  # a mirror for `models pull` (default: each model's pinned public URL)
     engine: Literal["auto", "opencv", "torch"] = "auto"
@@ -49,9 +51,12 @@ class Settings(BaseSettings):
     max_output_pixels: int = Field(300_000_000, ge=1)
 
     # output
-    format: Literal["keep", "png", "jpeg", "webp", "tiff"] = "keep"
+    format: Literal["keep", "png", "jpeg", "webp", "tiff"] = "keep"  # also jpg and tif (stored as jpeg, tiff)
     jpeg_quality: int = Field(95, ge=1, le=100)
     webp_quality: int = Field(95, ge=1, le=100)
+    quality: int | None = Field(None, ge=1, le=100)  # both of the above, unless one is given itself
+    suffix: str = ""  # output names NAME{suffix}.ext (e.g. "_x3": photo_x3.png); default none
+    overwrite: bool = False  # process again what the ledger says is done, and publish over its output
 
     # exactly-once bookkeeping
     dedup: bool = True
@@ -78,17 +83,72 @@ class Settings(BaseSettings):
     def _lower(cls, value: str) -> str:
         return value.strip().lower()
 
+    @field_validator("format", mode="before")
+    @classmethod
+    def _format_alias(cls, value):
+        # the names Real-ESRGAN, waifu2x and upscayl users type; stored canonical, so the ledger's request ids
+        # (and so what counts as "already done") are the same whichever name was given
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return {"jpg": "jpeg", "tif": "tiff"}.get(value, value)
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _plain_suffix(cls, value: str) -> str:
+        if "/" in value or "\\" in value or "\0" in value or value in (".", ".."):
+            raise ValueError("a suffix is part of a file name: no '/', '\\' or NUL")
+        return value
+
+    @model_validator(mode="after")
+    def _quality_for_both(self) -> "Settings":
+        if self.quality is not None:
+            for name in ("jpeg_quality", "webp_quality"):
+                if name not in self.model_fields_set:  # --jpeg-quality/--webp-quality given too: that one wins
+                    setattr(self, name, self.quality)
+        return self
+
+    def output_file(self) -> str | None:
+        """The one output's file name when the outbox is a local path named like an image (`--out big.png`) and
+        not an existing folder: `superres upscale` with one input file writes exactly that file, into its parent
+        folder. None: the outbox is a folder (or an S3 prefix)."""
+        if not self.outbox or self.outbox.startswith("s3://") or self.outbox.endswith(("/", os.sep)):
+            return None
+        from pipeline.formats import FORMATS
+
+        path = Path(self.outbox)
+        extensions = {e for f in FORMATS.values() for e in f.extensions}
+        if path.suffix.lower() in extensions and not path.is_dir():
+            return path.name
+        return None
+
+    def outbox_folder(self) -> str | None:
+        """Where outputs are published: the outbox, or the folder of an output file (see output_file)."""
+        if self.outbox and self.output_file():
+            return str(Path(self.outbox).parent)
+        return self.outbox
+
     def failed_location(self) -> str:
-        """--failed, or a `failed` folder/prefix beside the outbox."""
+        """--failed, or a place of the outbox's own beside it: `<outbox>.failed` (upscaled/ -> upscaled.failed/,
+        big.png -> big.png.failed/, s3://b/done/ -> s3://b/done.failed/).
+
+        Not `failed/` beside the outbox (the old default): that one was shared by every outbox in a folder, so the
+        failures of two runs mixed and one run's retry could take another's record. Not inside the outbox either:
+        failed inputs and their records would pass for outputs to whoever syncs or serves the outbox. Named after
+        the outbox, beside it, it is found next to the outputs and cannot be shared (made only on a failure)."""
         if self.failed:
             return self.failed
         if self.outbox is None:
             raise ConfigError("no failed place: give --failed DIR (or SUPERRES_FAILED)")
         if self.outbox.startswith("s3://"):
             bucket, _, prefix = self.outbox[5:].partition("/")
-            parent = prefix.rstrip("/").rpartition("/")[0]
-            return f"s3://{bucket}/{parent + '/' if parent else ''}failed/"
-        return str(Path(self.outbox).parent / "failed")
+            prefix = prefix.rstrip("/")
+            # the bucket's root as outbox: no name to take, `failed/` it stays
+            return f"s3://{bucket}/{prefix + '.failed/' if prefix else 'failed/'}"
+        path = Path(os.path.abspath(self.outbox))
+        if not path.name:  # the file system's root
+            return str(path / "superres.failed")
+        return str(path.with_name(path.name + ".failed"))
 
     def ledger_location(self) -> str:
         """--ledger, or the default for the outbox: a SQLite file inside a local outbox's `.superres/`, or an
@@ -101,7 +161,7 @@ class Settings(BaseSettings):
             bucket, _, prefix = self.outbox[5:].partition("/")
             prefix = prefix.strip("/")
             return f"s3://{bucket}/.superres/ledger/{prefix + '/' if prefix else ''}"
-        return str(Path(self.outbox) / ".superres" / "ledger.sqlite3")
+        return str(Path(self.outbox_folder()) / ".superres" / "ledger.sqlite3")
 
     def sqs_heartbeat_s(self) -> float:
         return self.heartbeat_s or self.visibility_s / 3
@@ -139,9 +199,38 @@ def load_settings(**overrides) -> Settings:
     """Environment and `.env` first, then the CLI's explicit flags (`None` means "not given")."""
     given = {key: value for key, value in overrides.items() if value is not None}
     try:
-        return Settings(**given)
+        settings = Settings(**given)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}".replace("Value error, ", "")
+            for err in exc.errors()
         )
         raise ConfigError(f"invalid settings: {problems}") from None
+    settings.model = resolve_model(settings.model, settings.scale)
+    return settings
+
+
+def resolve_model(name: str, scale: int | None) -> str:
+    """A catalog name from --model and --scale: `fsrcnn` + 3 is fsrcnn-x3; a full name must agree with the scale.
+    A family name without a scale, or any mismatch, is a ConfigError that says what to give."""
+    from models.catalog import CATALOG
+
+    families = sorted({n.rsplit("-x", 1)[0] for n in CATALOG})
+    if name in CATALOG:
+        spec = CATALOG[name]
+        if scale is not None and scale != spec.scale:
+            family = name.rsplit("-x", 1)[0]
+            others = sorted(s.scale for n, s in CATALOG.items() if n.rsplit("-x", 1)[0] == family)
+            fix = (f"give --model {family}-x{scale} (or --model {family} --scale {scale})" if scale in others
+                   else f"{family} has x{', x'.join(map(str, others))}")
+            raise ConfigError(f"--model {name} upscales x{spec.scale}, not x{scale} (--scale {scale}): {fix}")
+        return name
+    if name in families:
+        scales = sorted(s.scale for n, s in CATALOG.items() if n.rsplit("-x", 1)[0] == name)
+        if scale is None:
+            raise ConfigError(f"--model {name} is a family: give --scale ({', '.join(map(str, scales))}) or "
+                              f"--model {name}-x{scales[0]}")
+        if f"{name}-x{scale}" not in CATALOG:
+            raise ConfigError(f"{name} has no x{scale} model: it has x{', x'.join(map(str, scales))}")
+        return f"{name}-x{scale}"
+    return name  # unknown: said by get_model where the model is loaded, with the known names

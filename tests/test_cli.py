@@ -43,7 +43,9 @@ def test_cuda_on_a_cpu_only_opencv_is_a_clear_start_up_error():
     "args, env, words",
     [
         (["info", "--model", "nosuch-x9"], {}, "unknown model"),
-        (["info"], {"SUPERRES_MODEL": "espcn-x2", "SUPERRES_MODEL_DIR": "/nonexistent"}, "not found"),
+        # `info` works without the model (tests/test_setup_errors.py); a run needs it
+        (["upscale", str(DATASETS / "Set5" / "LR_bicubic" / "X4" / "birdx4.png"), "--out", "/tmp/never-made"],
+         {"SUPERRES_MODEL": "espcn-x2", "SUPERRES_MODEL_DIR": "/nonexistent"}, "superres models pull espcn-x2"),
         (["info", "--model", "espcn-x2"], {"SUPERRES_TILE": "-5"}, "tile"),
         (["upscale", "/no/such/file.png", "--out", "/tmp/x", "--model", "espcn-x2"], {}, "no such file"),
     ],
