@@ -263,7 +263,9 @@ def _kind(result: Result) -> str:
 def _filter_logs(settings) -> "_OneLinePerItem":
     level = logging.getLevelName(settings.log_level)
     min_level = level if (settings.log_format == "json" or level != logging.INFO) else logging.WARNING
-    item_filter = _OneLinePerItem(min_level, drop_per_item=level > logging.DEBUG)
+    # with -q the JSON item objects (INFO) are not shown: then the pipeline's own warning is a failure's one line
+    json_quiet = settings.log_format == "json" and level >= logging.WARNING
+    item_filter = _OneLinePerItem(min_level, drop_per_item=level > logging.DEBUG and not json_quiet)
     for h in logging.getLogger().handlers:
         h.addFilter(item_filter)
     return item_filter
