@@ -20,6 +20,9 @@ def open_processor(settings, mode: str = "oneshot", *, max_receive_count: int | 
     if settings.output_file() and mode != "oneshot":
         raise ConfigError(f"the outbox {settings.outbox} is named like an image file: only `superres upscale` "
                           "with one input file writes a single file; give a folder")
+    if settings.overwrite and mode != "oneshot":  # every rescan or redelivery would upscale everything again
+        raise ConfigError("--overwrite (SUPERRES_OVERWRITE) is for `superres upscale`: a watch or worker would "
+                          "process the same inputs again at every look; run `superres upscale --overwrite` once")
     outbox_at = settings.outbox_folder()
     failed = settings.failed_location()
     ledger_at = settings.ledger_location()

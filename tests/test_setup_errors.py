@@ -169,6 +169,12 @@ def test_bad_setting_combinations(tmp_path, inbox, args, words):
     assert sorted(os.listdir(tmp_path)) == ["in"]
 
 
+def test_overwrite_is_refused_for_watch(tmp_path, inbox):
+    one_line_exit_2(run("watch", "--inbox", inbox, "--outbox", tmp_path / "out", "--overwrite", *MODEL),
+                    "--overwrite", "superres upscale")
+    assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
 def test_an_output_file_name_with_several_inputs(tmp_path, inbox):
     (inbox / "two.png").write_bytes(IMAGE.read_bytes())
     one_line_exit_2(run("upscale", inbox / "bird.png", inbox / "two.png", "--out", tmp_path / "big.png", *MODEL),
