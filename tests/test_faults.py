@@ -154,7 +154,7 @@ def test_faults_on_every_tenth_request_and_an_outage_cost_no_image(moto_endpoint
     started = time.monotonic()
     with FaultProxy(moto_endpoint, rate=0.12, seed=20261201) as proxy:
         # S3 and SQS both through the proxy
-        env = cli_env(**aws_env(proxy.url), SUPERRES_MODEL=MODEL, SUPERRES_THREADS="1")
+        env = cli_env(**aws_env(proxy.url), SUPERRES_MODEL=MODEL, SUPERRES_THREADS="1", SUPERRES_LOG_LEVEL="DEBUG")
         logs = [tmp_path / f"w{i}.log" for i in range(2)]
         workers = [subprocess.Popen(
             [*superres_cmd(), "worker", "--queue", queue, "--outbox", "s3://outbox/done/", "--failed",
