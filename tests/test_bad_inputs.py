@@ -56,13 +56,13 @@ def test_the_bomb_is_refused_from_its_header_without_decoding(tmp_path):
         env=cli_env(), capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 1, result.stderr
-    assert reason(tmp_path / "failed", "bomb.png")["stage"] == "limits"
+    assert reason(tmp_path / "out.failed", "bomb.png")["stage"] == "limits"
 
 
 def test_min_side_refuses_tiny_images_with_a_stated_reason(tmp_path):
     cv2.imwrite(str(tmp_path / "dot.png"), np.zeros((1, 1, 3), np.uint8))
     assert main(["upscale", str(tmp_path / "dot.png"), "--out", str(tmp_path / "o"), "--min-side", "8", *MODEL]) == 1
-    assert "smaller than the minimum side of 8" in reason(tmp_path / "failed", "dot.png")["message"]
+    assert "smaller than the minimum side of 8" in reason(tmp_path / "o.failed", "dot.png")["message"]
 
 
 def test_symlinks_are_refused_wherever_they_point_and_left_in_place(tmp_path):
@@ -74,17 +74,17 @@ def test_symlinks_are_refused_wherever_they_point_and_left_in_place(tmp_path):
     os.symlink(inbox / "real.png", inbox / "inside.png")
     assert main(["upscale", str(inbox), "--out", str(tmp_path / "o"), *MODEL]) == 1
     for name in ("link.png", "inside.png"):
-        record = reason(tmp_path / "failed", name)
+        record = reason(tmp_path / "o.failed", name)
         assert record["error"] == "symlink" and "left where it is" in record["message"], record
         assert record["input_kept"] is False
-        assert not (tmp_path / "failed" / name).exists() and not (tmp_path / "o" / name).exists()
+        assert not (tmp_path / "o.failed" / name).exists() and not (tmp_path / "o" / name).exists()
         assert (inbox / name).is_symlink()
     assert (tmp_path / "o" / "real.png").exists() and outside.exists()
 
 
 def test_a_later_failure_of_the_same_name_never_overwrites_an_earlier_record(tmp_path):
     """Two sources named link.png in two runs, neither with bytes to keep: two records side by side."""
-    failed = tmp_path / "failed"
+    failed = tmp_path / "o.failed"
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         os.symlink(tmp_path / "nowhere.png", tmp_path / folder / "link.png")

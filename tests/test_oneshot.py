@@ -116,18 +116,18 @@ def test_out_inside_the_input_folder_three_times_takes_no_output_back_in(tmp_pat
     for path in small_images[:2]:
         shutil.copy(path, photos / path.name)
     (photos / "broken.png").write_bytes(b"<html>not an image</html>")
-    args = ["upscale", str(photos), "--out", str(photos / "up"), *MODEL]  # failed/ defaults to photos/failed
+    args = ["upscale", str(photos), "--out", str(photos / "up"), *MODEL]  # failed/ defaults to photos/up.failed
 
     assert main(args) == 1
     assert "done 2, duplicate 0, failed 1" in capsys.readouterr().out
     first = snapshot(photos)
     assert visible_files(photos / "up") == sorted(p.name for p in small_images[:2])
-    assert visible_files(photos / "failed") == ["broken.png", "broken.png.error.json"]
+    assert visible_files(photos / "up.failed") == ["broken.png", "broken.png.error.json"]
     for _ in range(2):
         assert main(args) == 1  # broken.png failed before and is unchanged: still failed
         assert "done 0, duplicate 0, failed 0, already done 2, still failed 1" in capsys.readouterr().out
-        assert not (photos / "up" / "up").exists() and not (photos / "failed" / "failed").exists()
-        assert not (photos / "up" / "failed").exists() and not (photos / "failed" / "up").exists()
+        assert not (photos / "up" / "up").exists() and not (photos / "up.failed" / "up.failed").exists()
+        assert not (photos / "up" / "up.failed").exists() and not (photos / "up.failed" / "up").exists()
         assert {k: v for k, v in snapshot(photos).items() if ".superres" not in k} == \
             {k: v for k, v in first.items() if ".superres" not in k}
 
@@ -135,4 +135,4 @@ def test_out_inside_the_input_folder_three_times_takes_no_output_back_in(tmp_pat
 def test_a_run_without_failures_leaves_no_failed_folder(tmp_path, small_images):
     assert main(["upscale", str(small_images[1]), "--out", str(tmp_path / "out"), *MODEL]) == 0
     assert (tmp_path / "out" / small_images[1].name).exists()
-    assert not (tmp_path / "failed").exists()
+    assert not (tmp_path / "out.failed").exists() and not (tmp_path / "failed").exists()
