@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--processed", help="where settled inputs go with --disposition move (default: INBOX/processed)")
     w.add_argument("--disposition", choices=["keep", "move", "delete"], help="what to do with an input once settled")
     w.add_argument("--poll", action="store_const", const=True, help="poll (network/FUSE mounts): take files once size+mtime are stable")
-    w.add_argument("--settle-s", type=float)
+    w.add_argument("--settle-s", type=float, help="quiet time after a writer's close (with --poll: of stable size "
+                                                   "and mtime) before a file is taken; renamed-in files are taken "
+                                                   "at once (default 1)")
     w.add_argument("--rescan-s", type=float, help="local: full rescan period; S3: listing period")
     w.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz on this port (0: off; default 9100)")
 
@@ -172,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     except DownloadError as exc:
         print(f"superres: error: {exc.message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before a mode's own handlers are in place (e.g. while the model loads)
+        print("superres: interrupted", file=sys.stderr)
+        return 130
     return 2
 
 

@@ -302,7 +302,7 @@ def _refused(tmp_path: Path, name: str, pixels: np.ndarray, *args: str) -> tuple
     out, failed = tmp_path / "out", tmp_path / "failed"
     run = subprocess.run([*superres_cmd(), "upscale", str(inbox), "--out", str(out), "--failed", str(failed),
                           "--model-dir", str(SHARED_MODELS), "--log-format", "json", *args],
-                         env=cli_env(), capture_output=True, text=True, timeout=120)
+                         env=cli_env(SUPERRES_LOG_LEVEL="DEBUG"), capture_output=True, text=True, timeout=120)
     assert run.returncode == 1, run.stdout + run.stderr  # one item, failed
     record = json.loads((failed / f"{name}.error.json").read_text())
     logs = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]

@@ -125,8 +125,8 @@ def test_a_glob_never_upscales_through_a_symlink_and_leaves_it_in_place(tmp_path
 
     assert main(["upscale", str(pics / "*.png"), str(pics / "*" / "*.png"), "--out", str(out), *MODEL]) == 1
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["real.png"]
-    assert (tmp_path / "failed" / "link.png.error.json").exists()
-    assert not (tmp_path / "failed" / "link.png").exists()
+    assert (tmp_path / "out.failed" / "link.png.error.json").exists()
+    assert not (tmp_path / "out.failed" / "link.png").exists()
     assert (pics / "link.png").is_symlink() and (pics / "linked").is_symlink()
     assert "done 1, duplicate 0, failed 1" in capsys.readouterr().out
 
@@ -143,4 +143,4 @@ def test_disposition_move_never_moves_a_symlink(tmp_path, monkeypatch):
     assert main(["upscale", str(inbox), "--out", str(tmp_path / "out"), *MODEL]) == 1
     assert os.readlink(inbox / "link.png") == str(tmp_path / "secret.bin")
     assert (tmp_path / "out" / "good.png").exists()
-    assert_never_leaked(secret, tmp_path / "out", tmp_path / "failed")
+    assert_never_leaked(secret, tmp_path / "out", tmp_path / "out.failed")
