@@ -85,3 +85,16 @@ def make_bad_inputs(folder: Path) -> dict[str, str]:
 
 
 from moto_server import moto_endpoint, moto_server_url  # noqa: E402,F401  (fixtures for S3/SQS tests)
+
+
+@pytest.fixture
+def aws(moto_endpoint, monkeypatch):
+    """Buckets `inbox` and `outbox` on moto's server; the fast real model for the subprocesses and main()."""
+    from moto_server import client
+
+    s3, sqs = client("s3", moto_endpoint), client("sqs", moto_endpoint)
+    for bucket in ("inbox", "outbox"):
+        s3.create_bucket(Bucket=bucket)
+    monkeypatch.setenv("SUPERRES_MODEL", "fsrcnn-small-x2")
+    monkeypatch.setenv("SUPERRES_MODEL_DIR", str(SHARED_MODELS))
+    return s3, sqs, moto_endpoint

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import DATASETS, SHARED_MODELS, cli_env, superres_cmd
 from handler.cli import main
-from moto_server import aws_env, client, queue_depth, queue_with_dlq, s3_event
+from moto_server import aws_env, queue_depth, queue_with_dlq, s3_event
 from moto_server import keys as all_keys
 
 MODEL = "fsrcnn-small-x2"
@@ -90,16 +90,6 @@ def test_a_duplicate_never_gets_the_picture_of_replaced_content(tmp_path):
     cv2.imwrite(str(src / "c.png"), x)  # and now a true duplicate of b.png: a copy of X's picture
     assert upscale(str(src / "c.png"), "--out", str(out), "--model", MODEL) == 0
     assert (out / "c.png").read_bytes() == x_up
-
-
-@pytest.fixture
-def aws(moto_endpoint, monkeypatch):
-    s3, sqs = client("s3", moto_endpoint), client("sqs", moto_endpoint)
-    for bucket in ("inbox", "outbox"):
-        s3.create_bucket(Bucket=bucket)
-    monkeypatch.setenv("SUPERRES_MODEL", MODEL)
-    monkeypatch.setenv("SUPERRES_MODEL_DIR", str(SHARED_MODELS))
-    return s3, sqs, moto_endpoint
 
 
 def png(image) -> bytes:

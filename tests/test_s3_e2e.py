@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import DATASETS, SHARED_MODELS, cli_env, make_bad_inputs, superres_cmd
+from conftest import DATASETS, cli_env, superres_cmd
 from handler.cli import main
 from moto_server import aws_env, client
 from pipeline.adapters.s3_ledger import S3Ledger
@@ -30,16 +30,6 @@ def photos(count: int, size: int = 64) -> list[bytes]:
     """Distinct real images (crops of BSD100 photos)."""
     paths = sorted((DATASETS / "BSD100" / "LR_bicubic" / "X2").glob("*.png"))[:count]
     return [png_bytes(cv2.imread(str(p))[:size, :size]) for p in paths]
-
-
-@pytest.fixture
-def aws(moto_endpoint, monkeypatch):
-    s3, sqs = client("s3", moto_endpoint), client("sqs", moto_endpoint)
-    for bucket in ("inbox", "outbox"):
-        s3.create_bucket(Bucket=bucket)
-    monkeypatch.setenv("SUPERRES_MODEL", MODEL)
-    monkeypatch.setenv("SUPERRES_MODEL_DIR", str(SHARED_MODELS))
-    return s3, sqs, moto_endpoint
 
 
 def make_queue(s3, sqs, *, max_receives: int = 3, prefix: str = "drop/"):
