@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     except DownloadError as exc:
         print(f"superres: error: {exc.message}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `superres models list | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
     except KeyboardInterrupt:  # Ctrl-C before a mode's own handlers are in place (e.g. while the model loads)
         print("superres: interrupted", file=sys.stderr)
         return 130

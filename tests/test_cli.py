@@ -93,3 +93,12 @@ def test_a_refused_configuration_leaves_nothing_behind(tmp_path, extra):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert list(tmp_path.iterdir()) == []  # no outbox, no .superres/ledger.sqlite3, no failed/
+
+
+def test_a_reader_that_leaves_early_is_no_error():
+    """`superres models list | head -1`: no BrokenPipeError traceback."""
+    proc = subprocess.Popen([*superres_cmd(), "models", "list", "--model-dir", str(SHARED_MODELS)], env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and "Traceback" not in err, err
