@@ -176,3 +176,37 @@ def test_an_object_never_read_is_left_alone(s3, objects):
     s3.put_object(Bucket="inbox", Key="in/a.png", Body=b"first")
     S3Object(objects, "inbox", "in/a.png", "a.png").dispose("delete")
     assert all_keys(s3, "inbox") == ["in/a.png"]
+
+
+@pytest.mark.slow
+def test_s3_watch_into_a_local_outbox_goes_on_past_bad_objects(s3, moto_endpoint, tmp_path):
+    """`watch --inbox s3://… --outbox ./local`: a bad object and one whose name is too long for the local file
+    system each get a record, the good ones their outputs, and the watcher keeps running (it once crash-looped)."""
+    import signal
+    import time
+
+    good = photos(2)
+    s3.put_object(Bucket="inbox", Key="in/p0.png", Body=good[0])
+    s3.put_object(Bucket="inbox", Key="in/broken.png", Body=b"<html>not an image</html>")
+    s3.put_object(Bucket="inbox", Key=f"in/{LONG}", Body=good[1])
+    out, failed = tmp_path / "out", tmp_path / "failed"
+    proc = subprocess.Popen([*superres_cmd(), "watch", "--inbox", "s3://inbox/in/", "--outbox", str(out), "--failed",
+                             str(failed), "--rescan-s", "1", *MODEL], env=cli_env(**aws_env(moto_endpoint)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (
+                (out / "p0.png").exists() and len(list(failed.glob("*.error.json"))) == 2):
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        s3.put_object(Bucket="inbox", Key="in/p1.png", Body=good[1])  # and it goes on
+        while time.monotonic() < deadline and not (out / "p1.png").exists():
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert (out / "p0.png").exists() and (out / "p1.png").exists()
+    codes = sorted(json.loads(p.read_text())["error"] for p in failed.glob("*.error.json"))
+    assert codes == ["name_too_long", "not_an_image"]
