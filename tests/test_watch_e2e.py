@@ -147,7 +147,11 @@ def test_bad_files_never_stop_it_and_sigterm_stops_cleanly(tmp_path):
     finally:
         code = stop(proc)
     assert code == 0
-    assert "stopped" in (tmp_path / "watch.log").read_text()
+    log = (tmp_path / "watch.log").read_text()
+    assert "stopped" in log
+    # the truncated PNG and JPEG made libpng/libjpeg and OpenCV talk: through our logging, never raw
+    raw = [line for line in log.splitlines() if line.startswith(("libpng", "[ WARN:", "[ERROR:"))]
+    assert raw == [], raw
 
 
 # -- the torture: random SIGKILLs while a writer drops, appends and replaces ----------------------------------------
@@ -271,7 +275,8 @@ def test_sigkill_at_random_moments_loses_nothing_and_repeats_nothing(tmp_path, d
     kills, in_hand = 0, 0
     try:
         writer.start()
-        while kills < 12 or writer.is_alive():  # most of the work is done between kills
+        # most of the work is done between kills; go on until at least two kills landed with an item in hand
+        while kills < 12 or writer.is_alive() or in_hand < 2:
             assert kills < 40, "the writer never finished"
             log = tmp_path / f"watch{kills}.log"
             proc = start_watch(tmp_path, *args, log_name=log.name, **watch)
