@@ -157,17 +157,13 @@ def main(argv: list[str] | None = None) -> int:
             settings = single_output(settings, args.inputs)
             return run_upscale(settings, args.inputs)
         if args.command == "watch":
-            from handler.logs import native_stderr_routed
             from handler.watch import run_watch
 
-            with native_stderr_routed():  # libpng/OpenCV lines through our logging, as in upscale
-                return run_watch(settings)
+            return run_watch(settings)
         if args.command == "worker":
-            from handler.logs import native_stderr_routed
             from handler.worker import run_worker
 
-            with native_stderr_routed():
-                return run_worker(settings, max_messages=args.max_messages, idle_exit_s=args.idle_exit_s)
+            return run_worker(settings, max_messages=args.max_messages, idle_exit_s=args.idle_exit_s)
         if args.command == "models":
             return run_models(settings, args)
         if args.command == "info":
