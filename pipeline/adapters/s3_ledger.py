@@ -29,6 +29,7 @@ from pipeline.ledger import ClaimLost, ClaimOutcome, ItemRow, SourceRow, decide_
 
 _TRIES = 20  # conditional-write retries before giving up; losers of a race need one or two
 _DELETE = object()  # what a change returns to delete the row
+_ALREADY = object()  # what a change returns when the row already is as asked (our write whose answer was lost)
 
 
 class _Conflict(Exception):
@@ -153,6 +154,8 @@ class S3Ledger:
             new = change(row)
             if new is None:
                 return False
+            if new is _ALREADY:
+                return True
             try:
                 if new is _DELETE:
                     self._known.pop(okey, None)
@@ -198,8 +201,16 @@ class S3Ledger:
 
     def mark_publishing(self, key: str, generation: int, temp: str | None) -> None:
         ours = self._ours(generation)
-        if not self._change(key, lambda r: replace(r, state="publishing", temp=temp, engine_runs=r.engine_runs + 1,
-                                                   lease_until=time.time() + self.lease_s) if ours(r) else None):
+
+        def publishing(r: ItemRow):
+            if not ours(r):
+                return None
+            if r.state == "publishing" and r.temp == temp:  # our earlier write landed: count the upscale once
+                return _ALREADY
+            return replace(r, state="publishing", temp=temp, engine_runs=r.engine_runs + 1,
+                           lease_until=time.time() + self.lease_s)
+
+        if not self._change(key, publishing):
             raise ClaimLost(f"the claim on {key} was taken over before publishing")
 
     def mark_done(self, key: str, generation: int, *, source: str, fingerprint: str | None, sha256: str,
@@ -207,8 +218,13 @@ class S3Ledger:
         # two writes where SQLite has one transaction: a crash between them leaves the source unsettled,
         # and the next look at it finds the item done (a duplicate of itself), which settles it then
         ours = self._ours(generation)
-        if not self._change(key, lambda r: replace(r, state="done", temp=None, output=output, output_etag=output_etag)
-                            if ours(r) else None):
+
+        def done(r: ItemRow):
+            if r.state == "done" and r.owner == self.owner and r.generation == generation and r.output == output:
+                return _ALREADY  # our earlier write landed and its answer was lost
+            return replace(r, state="done", temp=None, output=output, output_etag=output_etag) if ours(r) else None
+
+        if not self._change(key, done):
             raise ClaimLost(f"the claim on {key} was taken over before it was done")
         self.record_source(source, fingerprint=fingerprint, sha256=sha256, key=key, outcome="done",
                            output=output, detail=None, output_etag=output_etag)
