@@ -19,6 +19,14 @@ from pipeline.errors import InputRejected
 EDSR_MEAN_BGR = np.array([103.1545782, 111.561547, 114.35629928], dtype=np.float32)
 
 
+def model_file_format(spec) -> str:
+    """"pb" (a TensorFlow GraphDef) or "onnx", from the catalog's `file_format` (the file's suffix otherwise)."""
+    declared = getattr(spec, "file_format", None)
+    if declared:
+        return declared
+    return "onnx" if str(spec.filename).lower().endswith(".onnx") else "pb"
+
+
 def to_uint(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Round half to even and saturate, as OpenCV's convertTo does."""
     info = np.iinfo(dtype)

@@ -1,6 +1,8 @@
-"""The OpenCV engine: the model's TensorFlow graph run by `cv2.dnn`, with `dnn_superres`'s pre- and
-post-processing from `dnn_superres_io` (so 16-bit and gray inputs work and are checked up front, instead of
-surfacing as OpenCV assertions). For uint8 it is bit-exact with `cv2.dnn_superres.DnnSuperResImpl`."""
+"""The OpenCV engine: the model's graph run by `cv2.dnn` — a TensorFlow GraphDef (the GSoC `.pb` files) or an
+ONNX graph (our own models: NCHW float32 in and out, the same blob as the `.pb` networks take) — with
+`dnn_superres`'s pre- and post-processing from `dnn_superres_io` (so 16-bit and gray inputs work and are checked
+up front, instead of surfacing as OpenCV assertions). For uint8 `.pb` models it is bit-exact with
+`cv2.dnn_superres.DnnSuperResImpl`."""
 
 from pathlib import Path
 
@@ -8,7 +10,7 @@ import cv2
 import numpy as np
 
 from models.catalog import ModelSpec
-from models.engines.dnn_superres_io import DnnSuperResIO
+from models.engines.dnn_superres_io import DnnSuperResIO, model_file_format
 from pipeline.errors import ConfigError
 
 
@@ -33,8 +35,9 @@ class OpenCVEngine(DnnSuperResIO):
         # Creating a DnnSuperResImpl registers its DepthToSpace layer with cv2.dnn; without it every
         # shared model fails at the first forward ("DepthSpaceLayer: blocksize is required").
         cv2.dnn_superres.DnnSuperResImpl_create()
+        read = cv2.dnn.readNetFromONNX if model_file_format(spec) == "onnx" else cv2.dnn.readNetFromTensorflow
         try:
-            self._net = cv2.dnn.readNetFromTensorflow(str(model_file))
+            self._net = read(str(model_file))
         except cv2.error as exc:
             raise ConfigError(f"OpenCV cannot read model file {model_file}: {exc.err}") from None
         if device == "cuda":
