@@ -17,10 +17,8 @@ from pipeline import codec
 from pipeline.errors import EngineFailure, InputRejected, SuperresError, TransientError
 from pipeline.ledger import (ClaimBusy, ClaimLost, ClaimOutcome, Ledger, SourceRow, dedup_key, output_intact,
                              output_variant, request_id)
-from pipeline.formats import content_type
-from pipeline.limits import Limits, available_memory, check_dimensions, check_output, check_size
-from pipeline.tiling import policy_id
-from pipeline.upscale import upscale_frames
+from pipeline.limits import Limits
+from pipeline.transform import Plan, Transform, TransformOptions
 
 log = logging.getLogger("superres.pipeline")
 
@@ -80,14 +78,14 @@ class Job:
     key: str | None = None
     generation: int = 0  # of our claim on `key`
     claimed: bool = False  # we hold the ledger claim on `key`
-    fmt: str = ""
-    content_type: str = ""
+    plan: Plan | None = None  # what the header says and what will be made
     rel_out: str = ""
     out_url: str = ""
     image: codec.DecodedImage | None = None
     frames: list | None = None
     error: BaseException | None = None
     timings: dict = field(default_factory=dict)
+    on_progress: object = None  # (tiles_done, tiles_total) of this item, from the engine's thread
 
 @dataclass(frozen=True)
 class Options:
@@ -117,6 +115,10 @@ class Options:
             output_name=s.output_file(), overwrite=s.overwrite,
         )
 
+    def transform(self) -> TransformOptions:
+        return TransformOptions(self.limits, self.max_output_pixels, self.policy, self.cap_side, self.out_format,
+                                self.jpeg_quality, self.webp_quality, self.tile, self.tile_batch)
+
 
 def output_rel(rel: str, ext: str, suffix: str = "") -> str:
     """Keep the input's name; when the format changes, append the new extension (a.jpg -> a.jpg.png), so
@@ -142,13 +144,14 @@ class Processor:
         self.ledger = ledger
         self.outbox = outbox
         self.failed = failed
-        self.policy = policy_id(options.policy, options.cap_side)
+        self.transform = Transform(engine, spec, options.transform())
+        self.policy = self.transform.policy
         self.request = request_id(spec.name, spec.scale, self.policy, options.out_format, options.jpeg_quality,
                                   options.webp_quality)
         if options.suffix:  # another output name: a source done without it is not done with it
             self.request += f"|suffix={options.suffix}"
-        self.batch = options.tile_batch or engine.default_batch()
-        self.tile = options.tile or engine.default_tile(self.batch)
+        self.batch = self.transform.batch
+        self.tile = self.transform.tile
         self.engine_failure: str | None = None  # set once the engine failed on a valid input: the process is sick
         # progress(tiles_done, tiles_total) during each engine run, on the engine's thread (the one-shot's bar)
         self.on_tiles = None
@@ -227,22 +230,12 @@ class Processor:
                 return Result(src, "skipped", prior.output, detail=f"already {prior.outcome}")
             job.data = data
             job.sha = hashlib.sha256(data).hexdigest()
-            check_size(len(data), self.opt.limits)
             job.timings["read"] = time.perf_counter() - t0
-
-            header = codec.read_header(data)
-            check_dimensions(header.width, header.height, header.frames, self.opt.limits)
-            job.fmt, ext = codec.output_format(header.format, None if self.opt.out_format == "keep" else self.opt.out_format)
-            # the output's size against the format, the output limit and memory: refused before any work
-            check_output(header.width, header.height, header.frames, header.channels, header.bytes_per_sample,
-                         scale=self.spec.scale, policy=self.opt.policy, cap_side=self.opt.cap_side, fmt=job.fmt,
-                         max_output_pixels=self.opt.max_output_pixels, available_bytes=available_memory(),
-                         input_bytes=len(data))
-            job.content_type = content_type(job.fmt)
-            job.rel_out = self.opt.output_name or output_rel(src.rel, ext, self.opt.suffix)
+            job.plan = plan = self.transform.plan(data)  # the limits, from the size and header alone
+            header = plan.header
+            job.rel_out = self.opt.output_name or output_rel(src.rel, plan.ext, self.opt.suffix)
             job.out_url = self.outbox.url(job.rel_out)
-            quality = {"JPEG": self.opt.jpeg_quality, "WEBP": self.opt.webp_quality}.get(job.fmt)
-            variant = output_variant(self.spec.name, self.spec.scale, self.policy, job.fmt, quality)
+            variant = output_variant(self.spec.name, self.spec.scale, self.policy, plan.fmt, plan.quality)
             key = dedup_key(job.sha, variant if self.opt.dedup else f"{variant}:{src.id}")
             self._hold(key)
             job.key = key
@@ -253,7 +246,7 @@ class Processor:
             log.debug("upscaling", extra={"fields": {"source": src.id, "sha256": job.sha, "width": header.width,
                                                     "height": header.height, "frames": header.frames}})
             t = time.perf_counter()
-            job.image = codec.decode(data, header)
+            job.image = self.transform.decode(data, plan)
             job.timings["decode"] = time.perf_counter() - t
             return job
         except BaseException as exc:
@@ -310,10 +303,19 @@ class Processor:
         jobs are run again one by one, so one bad image costs only itself."""
         t = time.perf_counter()
         frames = [f for job in jobs for f in job.image.frames]
+        owner = [job for job in jobs for _ in job.image.frames]  # frame -> its job
+        each = None
+        if any(job.on_progress for job in jobs):
+            counts = {id(f): (0, 0) for f in frames}
+
+            def each(i: int, done: int, total: int) -> None:
+                counts[id(frames[i])] = (done, total)
+                job = owner[i]
+                if job.on_progress:
+                    mine = [counts[id(f)] for f in job.image.frames]
+                    job.on_progress(sum(d for d, _ in mine), sum(t for _, t in mine))
         try:
-            ups = iter(upscale_frames(frames, self.engine, policy=self.opt.policy, cap_side=self.opt.cap_side,
-                                      tile=self.tile, context=self.spec.context_px, batch=self.batch,
-                                      progress=self.on_tiles))
+            ups = iter(self.transform.upscale(frames, progress=self.on_tiles, progress_each=each))
             for job in jobs:
                 job.frames = [next(ups) for _ in job.image.frames]
                 job.timings["upscale"] = (time.perf_counter() - t) / len(jobs)  # shared calls: an even share each
@@ -347,8 +349,7 @@ class Processor:
                 raise job.error
             self._check_claim(job)
             t = time.perf_counter()
-            job.image.frames = job.frames
-            encoded = codec.encode(job.image, job.fmt, jpeg_quality=self.opt.jpeg_quality, webp_quality=self.opt.webp_quality)
+            encoded = self.transform.encode(job.image, job.frames, job.plan)
             job.timings["encode"] = time.perf_counter() - t
             t = time.perf_counter()
             tag = hashlib.sha256(job.key.encode()).hexdigest()[:32]  # this item: content and settings
@@ -357,7 +358,7 @@ class Processor:
             self.ledger.mark_publishing(job.key, job.generation, staged.token)
             metadata = {"source-sha256": job.sha, "model": self.spec.name, "superres-item": tag,
                         **src.metadata(job.sha, self.spec.name)}
-            out_url = self.outbox.commit(staged, job.rel_out, content_type=job.content_type, metadata=metadata)
+            out_url = self.outbox.commit(staged, job.rel_out, content_type=job.plan.content_type, metadata=metadata)
             etag = self.outbox.etag(out_url)
             if etag is None:
                 raise TransientError(f"{out_url} is not there right after its publish", stage="publish")

@@ -20,9 +20,11 @@ MIN_TILE = 32  # below this the overlap dominates: give the item back for a late
 
 
 def upscale_many(images: list[np.ndarray], engine, tile: int, context: int, batch: int = 1,
-                 progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+                 progress: Callable[[int, int], None] | None = None,
+                 progress_each: Callable[[int, int, int], None] | None = None) -> list[np.ndarray]:
     """Upscale several images in overlapping tiles, keeping each tile's core: equal to the untiled results.
-    `progress(tiles_done, tiles_total)` is called after each engine call (a big image is many tiles)."""
+    `progress(tiles_done, tiles_total)` is called after each engine call (a big image is many tiles);
+    `progress_each(image_index, its_tiles_done, its_tiles_total)` after each call for every image in it."""
     s = engine.scale
     outs = [np.empty((im.shape[0] * s, im.shape[1] * s) + im.shape[2:], dtype=im.dtype) for im in images]
     work = [(i, t) for i, im in enumerate(images) for t in plan_tiles(im.shape[1], im.shape[0], tile, context)]
@@ -32,6 +34,10 @@ def upscale_many(images: list[np.ndarray], engine, tile: int, context: int, batc
         return t.py1 - t.py0, t.px1 - t.px0, images[i].ndim, images[i].dtype.str
 
     done_tiles = 0
+    totals = [0] * len(images)
+    for i, _ in work:
+        totals[i] += 1
+    dones = [0] * len(images)
     for _, group in groupby(sorted(work, key=kind), key=kind):
         group = list(group)
         for start in range(0, len(group), batch):
@@ -44,6 +50,10 @@ def upscale_many(images: list[np.ndarray], engine, tile: int, context: int, batc
             if progress is not None:
                 done_tiles += len(chunk)
                 progress(done_tiles, len(work))
+            if progress_each is not None:
+                for i in sorted({i for i, _ in chunk}):
+                    dones[i] += sum(1 for j, _ in chunk if j == i)
+                    progress_each(i, dones[i], totals[i])
     return outs
 
 
@@ -60,14 +70,26 @@ def apply_policy(frame: np.ndarray, policy: str, cap_side: int) -> np.ndarray:
 
 
 def upscale_frames(frames: list[np.ndarray], engine, *, policy: str, cap_side: int, tile: int, context: int,
-                   batch: int = 1, progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
-    """Frames of one or several images. Alpha goes through the model on its own, as a gray image, so edges stay
+                   batch: int = 1, progress: Callable[[int, int], None] | None = None,
+                   progress_each: Callable[[int, int, int], None] | None = None) -> list[np.ndarray]:
+    """Frames of one or several images (`progress_each` per frame: its alpha's tiles count with its colour's).
+    Alpha goes through the model on its own, as a gray image, so edges stay
     as sharp as the colour (the colour under transparent pixels is filled first: no dark fringes)."""
     split = [split_alpha(apply_policy(f, policy, cap_side)) for f in frames]
     planes = [color for color, _ in split] + [alpha for _, alpha in split if alpha is not None]
+    owner = list(range(len(split))) + [i for i, (_, alpha) in enumerate(split) if alpha is not None]
+
+    def each(plane: int, done: int, total: int) -> None:  # planes -> frames
+        plane_done[plane] = done
+        frame = owner[plane]
+        mine = [p for p, f in enumerate(owner) if f == frame]
+        progress_each(frame, sum(plane_done[p] for p in mine), sum(plane_total[p] for p in mine))
     while True:
+        plane_total = [len(plan_tiles(p.shape[1], p.shape[0], tile, context)) for p in planes]
+        plane_done = [0] * len(planes)
         try:
-            ups = iter(upscale_many(planes, engine, tile, context, batch, progress))
+            ups = iter(upscale_many(planes, engine, tile, context, batch, progress,
+                                    each if progress_each is not None else None))
             colors = [next(ups) for _ in split]
             return [merge_alpha(color, None if alpha is None else next(ups)) for color, (_, alpha) in zip(colors, split)]
         except DeviceOutOfMemory:

@@ -40,7 +40,9 @@ def test_overlapped_equals_sequential_in_order_with_bounded_read_ahead(tmp_path,
     for got, want in zip(results, expected):
         if got.outcome == "done":
             assert open(got.output, "rb").read() == open(want.output, "rb").read()
-    assert max(ahead) <= 2 * depth + 3  # two queues, and one item in each of the three threads
+    # two queues of decoded items, one item in each of the three threads, one waiting reference, and the input
+    # just pulled while the oldest is reported
+    assert max(ahead) <= 2 * depth + 5
 
 
 def test_stop_finishes_what_is_in_hand_and_starts_nothing_more(tmp_path, small_images):

@@ -1,0 +1,95 @@
+"""The stage runner every driver submits into: many producers, bounded waiting, progress per item, results per
+item, a clean close; and the bytes -> bytes transform that every driver runs."""
+
+import threading
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import SHARED_MODELS
+from handler.runtime import open_processor
+from pipeline.adapters.local_files import LocalFile
+from pipeline.settings import load_settings
+from pipeline.stages import Closed, Full, StageRunner
+from pipeline.transform import transform_bytes
+
+
+def processor_for(tmp_path, name, **extra):
+    return open_processor(load_settings(outbox=str(tmp_path / name), model="fsrcnn-small-x2", model_dir=SHARED_MODELS,
+                                        **extra))
+
+
+def test_several_producers_get_each_its_own_result(tmp_path, small_images):
+    processor = processor_for(tmp_path, "out")
+    runner = StageRunner(processor, depth=2, queue_max=2)
+    futures = {}
+
+    def produce(paths):
+        for p in paths:
+            futures[p.name] = runner.submit(LocalFile(p, p.name))  # blocks while the runner is full
+
+    threads = [threading.Thread(target=produce, args=(small_images[i::3],)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results = {name: f.result(timeout=120) for name, f in futures.items()}
+    runner.close()
+    processor.close()
+    assert sorted(results) == sorted(p.name for p in small_images)
+    by_name = {p.name: p for p in small_images}
+    for name, r in results.items():
+        assert r.outcome == "done" and r.source.rel == name
+        h, w = cv2.imread(str(by_name[name])).shape[:2]
+        assert cv2.imread(r.output).shape[:2] == (2 * h, 2 * w)
+    assert runner.pending() == 0
+
+
+def test_a_full_queue_is_refused_at_once_when_asked_not_to_wait(tmp_path, small_images):
+    processor = processor_for(tmp_path, "out")
+    gate = threading.Event()
+    real = processor.engine.upscale
+    processor.engine.upscale = lambda image: gate.wait(60) and real(image)  # the engine is busy
+    runner = StageRunner(processor, depth=1, queue_max=1)
+    accepted, refused = [], 0
+    for p in small_images:
+        try:
+            accepted.append(runner.submit(LocalFile(p, p.name), block=False))
+        except Full:
+            refused += 1
+    assert refused > 0 and accepted  # engine 1 + queues 1 + 1 + reader 1 + waiting 1: the rest are refused
+    assert runner.pending() == len(accepted)
+    gate.set()
+    assert all(f.result(timeout=120).outcome == "done" for f in accepted)
+    runner.close()
+    with pytest.raises(Closed):
+        runner.submit(LocalFile(small_images[0], "late.jpg"))
+    processor.close()
+
+
+def test_progress_is_reported_per_item_and_close_finishes_what_is_in_hand(tmp_path, small_images):
+    processor = processor_for(tmp_path, "out", tile=32)  # several tiles per image
+    runner = StageRunner(processor)
+    seen: dict[str, list] = {}
+    futures = [runner.submit(LocalFile(p, p.name), on_progress=lambda d, t, n=p.name: seen.setdefault(n, []).append((d, t)))
+               for p in small_images[:3]]
+    runner.close()  # at once: what was submitted is still finished
+    assert all(f.done() and f.result().outcome == "done" for f in futures)
+    for name, steps in seen.items():
+        total = steps[-1][1]
+        assert total > 1 and steps[-1] == (total, total)  # ends complete
+        assert [d for d, _ in steps] == sorted(d for d, _ in steps)  # only goes up
+        assert all(t == total for _, t in steps)  # the total is known from the first call
+    assert len(seen) == 3
+    processor.close()
+
+
+def test_the_transform_is_what_the_pipeline_publishes(tmp_path, small_images):
+    processor = processor_for(tmp_path, "out")
+    for p in small_images[:2]:
+        result = processor.process(LocalFile(p, p.name))
+        data, ctype = transform_bytes(p.read_bytes(), processor.engine, processor.spec, processor.opt.transform())
+        assert data == open(result.output, "rb").read()
+        assert ctype == {".jpg": "image/jpeg", ".png": "image/png"}[p.suffix]
+    processor.close()
