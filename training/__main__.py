@@ -1,0 +1,86 @@
+"""`python -m training train NAME [options]` (also `superres-train`): train one architecture and export it.
+
+Example (the shipped fast-x3): python -m training train fast-x3 --steps 20000 --seed 0 --out models/weights
+`python -m training evaluate MODEL... --scale 3` prints Y-PSNR on Set5/Set14/BSD100 (evaluation only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from training.arch import ARCHITECTURES, STUDY, get_arch
+from training.data import image_list, load_pairs
+from training.train import TrainConfig, save, train
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
+DEFAULT_TRAIN_DIR = SHARED / "datasets" / "train"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train one architecture, export .onnx/.pt/.json into --out")
+    t.add_argument("name", choices=sorted({**ARCHITECTURES, **STUDY}))
+    d = TrainConfig()
+    t.add_argument("--steps", type=int, default=d.steps)
+    t.add_argument("--batch", type=int, default=d.batch)
+    t.add_argument("--patch", type=int, default=d.patch, help="LR patch side (px)")
+    t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (Adam)")
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--eval-every", type=int, default=d.eval_every)
+    t.add_argument("--threads", type=int, default=d.threads)
+    t.add_argument("--train-dir", type=Path, default=DEFAULT_TRAIN_DIR, help="T91/ and BSDS200/ (HR PNGs)")
+    t.add_argument("--limit-images", type=int, default=0, help="use only the first N training images (tests)")
+    t.add_argument("--out", type=Path, required=True)
+    e = sub.add_parser("evaluate", help="Y-PSNR on the benchmark sets (bicubic, catalog models)")
+    e.add_argument("models", nargs="+", help="catalog names, or bicubic")
+    e.add_argument("--scale", type=int, required=True)
+    e.add_argument("--sets", default="Set5,Set14,BSD100")
+    e.add_argument("--datasets", type=Path, default=SHARED / "datasets")
+    e.add_argument("--shared-models", type=Path, default=SHARED / "models")
+    e.add_argument("--weights-dir", type=Path, default=None, help="our ONNX files from here, not the bundled ones")
+    e.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+def run_evaluate(args) -> int:
+    import torch
+
+    from training.evaluate import evaluate
+
+    torch.set_num_threads(args.threads)
+    sets = tuple(args.sets.split(","))
+    print("| model | " + " | ".join(f"{s} x{args.scale}" for s in sets) + " |", flush=True)
+    for model in args.models:
+        scores = evaluate(model, args.scale, args.datasets, args.shared_models, args.weights_dir, sets)
+        print(f"| {model} | " + " | ".join(f"{scores[s]:.2f}" for s in sets) + " |", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "evaluate":
+        return run_evaluate(args)
+    arch = get_arch(args.name)
+    try:
+        training, validation = image_list(args.train_dir)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.limit_images:
+        training, validation = training[: args.limit_images], validation[:1]
+    cfg = TrainConfig(steps=args.steps, batch=args.batch, patch=args.patch, lr=args.lr, seed=args.seed,
+                      eval_every=args.eval_every, threads=args.threads)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    log(f"making LR x{arch.scale} (MATLAB bicubic) for {len(training)} + {len(validation)} images")
+    net, summary = train(arch, load_pairs(training, arch.scale), load_pairs(validation, arch.scale), cfg, log)
+    summary["command"] = "python -m training " + " ".join(argv if argv is not None else sys.argv[1:])
+    path = save(net, summary, args.out)
+    log(f"wrote {path} (val PSNR {summary['final_val_psnr']:.3f} dB, {summary['cpu_s']:.0f} CPU s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

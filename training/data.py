@@ -1,0 +1,99 @@
+"""Training data: HR images from ../shared/datasets/train, LR made the standard way, luma patches.
+
+Degradation: LR = MATLAB `imresize(modcrop(HR), 1/s, 'bicubic')` on the uint8 BGR image (training.imresize),
+exactly how the benchmark LR files were made. The network sees what the pipeline feeds it: Y of cv2's YCrCb of
+the uint8 LR image, times 1/255; its target is the unrounded Y of the HR image (same BT.601 full-range weights).
+
+A validation split is held out of the training images (every 20th BSDS200 id): design choices are measured on
+it, never on the benchmark sets (Set5/Set14/BSD100 are for evaluation only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from training.imresize import imresize, modcrop
+
+# T91's t65 is a byte-identical copy of t36 (../shared/datasets/train/README.md): kept once.
+_DUPLICATES = {"T91/t65.png"}
+VALIDATION_EVERY = 20  # every 20th BSDS200 image, in sorted order, is validation (10 of 199)
+
+
+@dataclass(frozen=True)
+class Pair:
+    name: str
+    lr: np.ndarray  # H x W float32 luma in [0, 1]
+    hr: np.ndarray  # sH x sW float32 luma in [0, 1]
+
+
+def image_list(train_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(training, validation) image paths: T91 + BSDS200, validation = every 20th BSDS200 image."""
+    t91 = sorted((train_dir / "T91").glob("*.png"))
+    bsds = sorted((train_dir / "BSDS200").glob("*.png"))
+    if not t91 or not bsds:
+        raise FileNotFoundError(f"no T91/ or BSDS200/ PNGs under {train_dir}")
+    validation = bsds[::VALIDATION_EVERY]
+    training = [p for p in t91 + bsds if p not in validation and f"{p.parent.name}/{p.name}" not in _DUPLICATES]
+    return training, validation
+
+
+def luma(bgr: np.ndarray) -> np.ndarray:
+    """Y of YCrCb in [0, 1], unrounded (the pipeline's Y, before its uint8 rounding)."""
+    return cv2.cvtColor(bgr.astype(np.float32) / 255.0, cv2.COLOR_BGR2YCrCb)[:, :, 0]
+
+
+def make_pair(path: Path, scale: int) -> Pair:
+    hr_bgr = modcrop(cv2.imread(str(path), cv2.IMREAD_COLOR), scale)
+    lr_bgr = imresize(hr_bgr, 1 / scale)
+    lr_y = cv2.cvtColor(lr_bgr, cv2.COLOR_BGR2YCrCb)[:, :, 0].astype(np.float32) * np.float32(1 / 255)
+    return Pair(f"{path.parent.name}/{path.stem}", lr_y, luma(hr_bgr))
+
+
+def load_pairs(paths: list[Path], scale: int) -> list[Pair]:
+    return [make_pair(p, scale) for p in paths]
+
+
+def _dihedral(a: np.ndarray, k: int) -> np.ndarray:
+    """One of the 8 flips/rotations of a square patch (k in 0..7)."""
+    if k & 4:
+        a = a[:, ::-1]
+    return np.rot90(a, k & 3)
+
+
+class PatchSampler:
+    """Random LR/HR luma patch batches, images drawn in proportion to their area, each patch in a random one of
+    the 8 flips/rotations. Seeded: the same seed gives the same batches."""
+
+    def __init__(self, pairs: list[Pair], scale: int, patch: int, seed: int):
+        usable = [p for p in pairs if min(p.lr.shape) >= patch]
+        if not usable:
+            raise ValueError(f"no training image is at least {patch} px (LR) on both sides")
+        self.pairs, self.scale, self.patch = usable, scale, patch
+        areas = np.array([(p.lr.shape[0] - patch + 1) * (p.lr.shape[1] - patch + 1) for p in usable], np.float64)
+        self.weights = areas / areas.sum()
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        s, p = self.scale, self.patch
+        lrs = np.empty((size, 1, p, p), np.float32)
+        hrs = np.empty((size, 1, p * s, p * s), np.float32)
+        for i, index in enumerate(self.rng.choice(len(self.pairs), size=size, p=self.weights)):
+            pair = self.pairs[index]
+            y = int(self.rng.integers(0, pair.lr.shape[0] - p + 1))
+            x = int(self.rng.integers(0, pair.lr.shape[1] - p + 1))
+            k = int(self.rng.integers(0, 8))
+            lrs[i, 0] = _dihedral(pair.lr[y:y + p, x:x + p], k)
+            hrs[i, 0] = _dihedral(pair.hr[y * s:(y + p) * s, x * s:(x + p) * s], k)
+        return lrs, hrs
+
+
+def psnr(a: np.ndarray, b: np.ndarray, border: int) -> float:
+    """PSNR in dB of two [0, 1] images after shaving `border` pixels each side."""
+    if border:
+        a, b = a[border:-border, border:-border], b[border:-border, border:-border]
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 10 * np.log10(1.0 / mse) if mse > 0 else float("inf")
