@@ -44,9 +44,10 @@ def _engine_options() -> argparse.ArgumentParser:
     g.add_argument("--scale", type=int, help="upscaling factor: picks the family's model (--model fsrcnn --scale 3 "
                                              "is fsrcnn-x3); with a full name it must match")
     g.add_argument("--model-dir", type=Path, help="where model files are looked up (default: the download cache)")
-    g.add_argument("--engine", choices=["auto", "opencv", "torch"])
+    g.add_argument("--engine", choices=["auto", "opencv", "onnxruntime", "torch"],
+                   help="auto: on a GPU torch, then onnxruntime; on a CPU the model's fastest installed engine")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="torch engine (auto: fp16 on CUDA)")
+    g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="GPU engines (auto: fp16 on CUDA; bf16: torch)")
     g.add_argument("--threads", type=int, help="engine threads (0: library default)")
     return p
 
@@ -132,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--model-dir", type=Path)
     pull.add_argument("--base-url", dest="model_base_url", help="a mirror serving the model files by name")
     pull.add_argument("--force", action="store_true")
+    export = msub.add_parser("export", parents=[common], help="write a model's network as ONNX (for trtexec etc.)")
+    export.add_argument("names", nargs=1, metavar="NAME")
+    export.add_argument("--onnx", type=Path, required=True, metavar="FILE",
+                        help="NCHW float32 in and out, dynamic batch/height/width; colour and mean stay in superres")
+    export.add_argument("--fp16", action="store_true", help="half-precision weights and arithmetic (float32 edges)")
+    export.add_argument("--model-dir", type=Path)
 
     sub.add_parser("info", parents=[common, engine], help="engine, device, model and the settings in force")
     return parser
@@ -244,6 +251,12 @@ def run_models(settings: Settings, args) -> int:
             print(f"{r['name']:<16} {state}{hint}")
             bad += state.startswith("bad")
         return 1 if bad else 0
+    if args.models_command == "export":
+        from models.onnx_export import export_file
+
+        path = export_file(get_model(args.names[0]), model_dir, args.onnx, precision="fp16" if args.fp16 else "fp32")
+        print(f"{args.names[0]}: wrote {path}")
+        return 0
     for name in args.names:
         spec = get_model(name)
         path = pull(spec, model_dir, base_url=settings.model_base_url, force=args.force)

@@ -11,8 +11,6 @@ import time
 from pathlib import Path
 
 from handler.runtime import open_processor
-from pipeline.adapters.s3_objects import S3Objects, s3_client
-from pipeline.adapters.s3_place import s3_inputs
 from pipeline.errors import ConfigError
 from pipeline.overlap import run_overlapped
 from pipeline.process import Result
@@ -95,6 +93,9 @@ def expand_inputs(args: list[str], *, s3_endpoint_url: str | None = None, exclud
     for arg in args:
         if is_s3_uri(arg):
             if objects is None:
+                from pipeline.adapters.s3_objects import S3Objects, s3_client  # boto3: ~0.1 s, S3 runs only
+                from pipeline.adapters.s3_place import s3_inputs
+
                 objects = S3Objects(s3_client(s3_endpoint_url))
             bucket, prefix = parse_s3_uri(arg)
             if (bucket, _folder(prefix)) in [(b, _folder(p)) for b, p in s3_places]:

@@ -11,16 +11,14 @@ Metrics (the names as scraped):
                                                     (/healthz then answers 503 with the reason)
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import socket
 import threading
 import time
 from contextlib import contextmanager
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 
 from pipeline.process import Result
 
@@ -54,6 +52,9 @@ class Ops:
 
     def __init__(self, engine: dict[str, str], *, interval_s: float = 0.0, registry: CollectorRegistry | None = None):
         self.engine = engine
+        # prometheus_client is imported where metrics are made: `superres upscale` never loads it
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
         self.registry = registry or CollectorRegistry()  # our own: no process/platform collectors, no globals
         r = self.registry
         self.items = Counter("superres_items", "Items settled, by outcome", ["outcome"], registry=r)
@@ -135,6 +136,8 @@ class Ops:
         return (503 if stale or failed else 200), doc
 
     def wsgi_app(self):
+        from prometheus_client import make_wsgi_app
+
         metrics = make_wsgi_app(self.registry)
 
         def app(environ, start_response):
@@ -160,9 +163,12 @@ class Ops:
         not the service: a warning, and the work goes on."""
         if not port:
             return None
+        from wsgiref.simple_server import make_server
+
+        server_class, server6_class, quiet = _server_classes()
         try:
-            server = make_server(host, port, self.wsgi_app(), _Server6 if ":" in host else _Server,
-                                 handler_class=_Quiet)
+            server = make_server(host, port, self.wsgi_app(), server6_class if ":" in host else server_class,
+                                 handler_class=quiet)
         except OSError as exc:
             log.warning("metrics server not started",
                         extra={"fields": {"host": host, "port": port, "error": str(exc)}})
@@ -172,14 +178,20 @@ class Ops:
         return server
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True  # a slow scraper never holds up exit
+def _server_classes():
+    """The metrics server's classes, made on first use: http.server and prometheus_client cost `superres
+    upscale` (which serves nothing) ~50 ms of start-up if imported with this module."""
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
+    class _Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True  # a slow scraper never holds up exit
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6  # "::" or an IPv6 address
+    class _Server6(_Server):
+        address_family = socket.AF_INET6  # "::" or an IPv6 address
 
+    class _Quiet(WSGIRequestHandler):
+        def log_message(self, format, *args):  # scrapes every few seconds would drown the item lines
+            pass
 
-class _Quiet(WSGIRequestHandler):
-    def log_message(self, format, *args):  # scrapes every few seconds would drown the item lines
-        pass
+    return _Server, _Server6, _Quiet

@@ -31,6 +31,17 @@ def default_model_dir() -> Path:
     return base / "superres" / "models"
 
 
+def onnx_cache_dir() -> Path:
+    """Where converted ONNX graphs (and TensorRT engines) are cached: beside the downloads, in the user's cache
+    (not in --model-dir, which may be read-only); XDG_CACHE_HOME moves it (e.g. to /tmp on Lambda)."""
+    return default_model_dir() / "onnx"
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes (the key of the ONNX cache)."""
+    return _digest_file(Path(path)).sha256.hexdigest()
+
+
 def model_path(spec: ModelSpec, model_dir: Path) -> Path:
     """Where `spec`'s file lives in `model_dir`."""
     return Path(model_dir) / spec.filename

@@ -33,9 +33,9 @@ class Settings(BaseSettings):
     scale: int | None = Field(None, ge=1)  # with a family name (fsrcnn): picks fsrcnn-x<scale>; else must match
     model_dir: Path | None = None  # default: the download cache (see models.files.default_model_dir)
     model_base_url: str | None = None  # a mirror for `models pull` (default: each model's pinned public URL)
-    engine: Literal["auto", "opencv", "torch"] = "auto"
+    engine: Literal["auto", "opencv", "onnxruntime", "torch"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # torch engine; auto: fp16 on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # GPU engines (bf16: torch only); auto: fp16 on CUDA, fp32 on CPU
     threads: int = Field(0, ge=0)  # engine threads; 0 = library default
 
     # resize policy and refusal limits (the limits apply to every input, whatever the policy)

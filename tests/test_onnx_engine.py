@@ -85,3 +85,139 @@ def test_opencv_engine_refuses_an_onnx_file_of_another_scale(tmp_path):
     path = write_luma_onnx(tmp_path / "x2.onnx", 2)
     with pytest.raises(ConfigError, match="not x3: wrong file"):
         OpenCVEngine(onnx_spec("wrong-x3", 3, path.name), path)
+
+
+# ---- the onnxruntime engine -------------------------------------------------------------------------------
+
+from edsr_graph import build_edsr_graph  # noqa: E402
+from models.engines.onnx_engine import (CPU, CUDA, TENSORRT, OnnxRuntimeEngine, provider_list,  # noqa: E402
+                                        onnxruntime_has_cuda)
+
+PRESENT = [s for s in CATALOG.values() if (SHARED_MODELS / s.filename).exists()]
+
+
+def max_levels(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape and a.dtype == b.dtype
+    return int(np.abs(a.astype(np.int64) - b).max())
+
+
+@pytest.mark.parametrize("spec", PRESENT, ids=lambda s: s.name)
+def test_onnxruntime_equals_opencv_within_one_level_on_every_shared_model(tmp_path, spec):
+    path = SHARED_MODELS / spec.filename
+    ours, theirs = OnnxRuntimeEngine(spec, path, cache_dir=tmp_path), OpenCVEngine(spec, path)
+    colour = lr_image("butterfly", 4)[:37, :41]  # odd sizes on purpose
+    for image in (colour, cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY), colour.astype(np.uint16) * 257):
+        assert max_levels(ours.upscale(image), theirs.upscale(image)) <= 1
+    assert ours.describe()["providers"] == [CPU]
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_onnxruntime_equals_opencv_on_the_edsr_structured_graph(tmp_path, scale):
+    spec = CATALOG[f"edsr-x{scale}"]
+    path = tmp_path / spec.filename
+    build_edsr_graph(path, scale=scale, blocks=3, channels=16, seed=scale, quantized=True)
+    ours, theirs = OnnxRuntimeEngine(spec, path, cache_dir=tmp_path / "cache"), OpenCVEngine(spec, path)
+    colour = lr_image("baby", scale)[100:130, 90:116]
+    for image in (colour, cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY), colour.astype(np.uint16) * 257):
+        assert max_levels(ours.upscale(image), theirs.upscale(image)) <= 1
+    assert ours.upscale(np.full((1, 1, 3), 90, np.uint8)).shape == (scale, scale, 3)
+
+
+def test_batches_equal_one_by_one(tmp_path):
+    spec = CATALOG["fsrcnn-x3"]
+    engine = OnnxRuntimeEngine(spec, SHARED_MODELS / spec.filename, cache_dir=tmp_path)
+    image = lr_image("bird", 3)
+    tiles = [np.ascontiguousarray(image[y:y + 24, x:x + 24]) for y in (0, 30) for x in (0, 40)]
+    for one, batched in zip([engine.upscale(t) for t in tiles], engine.upscale_batch(tiles)):
+        assert np.array_equal(one, batched)
+
+
+def test_own_onnx_models_run_in_onnxruntime_as_in_opencv(tmp_path):
+    """The project's own models are 1x1xHxW ONNX files (a fixed batch of one): both engines run them alike."""
+    path = write_luma_onnx(tmp_path / "own_x3.onnx", 3, batch=1, seed=5)
+    spec = onnx_spec("own-x3", 3, path.name)
+    ours, theirs = OnnxRuntimeEngine(spec, path, cache_dir=tmp_path / "cache"), OpenCVEngine(spec, path)
+    colour = lr_image("head", 4)[:33, :29]
+    for image in (colour, cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY)):
+        assert max_levels(ours.upscale(image), theirs.upscale(image)) <= 1
+    tiles = [np.ascontiguousarray(colour[:16, :16]), np.ascontiguousarray(colour[16:32, 8:24])]
+    assert all(np.array_equal(a, b) for a, b in zip(ours.upscale_batch(tiles), [ours.upscale(t) for t in tiles]))
+    assert not (tmp_path / "cache").exists()  # nothing converted: the file is run as it is
+
+
+def test_conversion_is_cached_by_the_model_files_checksum(tmp_path):
+    spec = CATALOG["espcn-x2"]
+    model = tmp_path / "models" / spec.filename
+    model.parent.mkdir()
+    model.write_bytes((SHARED_MODELS / spec.filename).read_bytes())
+    cache = tmp_path / "cache"
+    first = OnnxRuntimeEngine(spec, model, cache_dir=cache)
+    (entry,) = cache.glob("*.onnx")
+    assert spec.sha256[:32] in entry.name and not list(cache.glob(".*.tmp"))  # written atomically, no leftovers
+    stamp = entry.stat().st_mtime_ns
+    image = lr_image("baby", 2)[:40, :40]
+    assert np.array_equal(OnnxRuntimeEngine(spec, model, cache_dir=cache).upscale(image), first.upscale(image))
+    assert entry.stat().st_mtime_ns == stamp  # a hit: not converted again
+    # other bytes under the same name (a different export): another key, never the stale graph
+    model.write_bytes((SHARED_MODELS / "ESPCN_x2.pb").read_bytes() + b"\x78\x01")  # + an unknown field 15
+    OnnxRuntimeEngine(spec, model, cache_dir=cache)
+    assert len(list(cache.glob("*.onnx"))) == 2
+
+
+def test_a_damaged_cache_entry_is_converted_again(tmp_path):
+    spec = CATALOG["fsrcnn-small-x2"]
+    OnnxRuntimeEngine(spec, SHARED_MODELS / spec.filename, cache_dir=tmp_path)
+    (entry,) = tmp_path.glob("*.onnx")
+    entry.write_bytes(entry.read_bytes()[:100])  # cut short (a full disk, a bad copy)
+    engine = OnnxRuntimeEngine(spec, SHARED_MODELS / spec.filename, cache_dir=tmp_path)
+    assert engine.upscale(np.full((5, 5), 50, np.uint8)).shape == (10, 10)
+    assert entry.stat().st_size > 1000
+
+
+def test_an_unwritable_cache_converts_in_memory(tmp_path):
+    spec = CATALOG["fsrcnn-small-x3"]
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder would be")
+    engine = OnnxRuntimeEngine(spec, SHARED_MODELS / spec.filename, cache_dir=blocker / "onnx")
+    assert engine.upscale(np.full((4, 6), 80, np.uint8)).shape == (12, 18)
+
+
+def test_wrong_files_and_settings_are_start_up_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not x3: wrong file"):
+        OnnxRuntimeEngine(CATALOG["fsrcnn-x3"], SHARED_MODELS / "FSRCNN_x2.pb", cache_dir=tmp_path)
+    with pytest.raises(ConfigError, match="wrong file"):  # a luma model under an EDSR name
+        OnnxRuntimeEngine(CATALOG["edsr-x2"], SHARED_MODELS / "ESPCN_x2.pb", cache_dir=tmp_path)
+    junk = tmp_path / "junk.pb"
+    junk.write_bytes(b"\xff" * 64)
+    with pytest.raises(ConfigError, match="cannot read model file"):
+        OnnxRuntimeEngine(CATALOG["espcn-x2"], junk, cache_dir=tmp_path)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a protobuf")
+    with pytest.raises(ConfigError, match="onnxruntime cannot load"):
+        OnnxRuntimeEngine(onnx_spec("bad-x2", 2, bad.name), bad, cache_dir=tmp_path)
+    spec = CATALOG["espcn-x2"]
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        OnnxRuntimeEngine(spec, SHARED_MODELS / spec.filename, precision="fp16", cache_dir=tmp_path)
+    with pytest.raises(ConfigError, match="bf16"):
+        OnnxRuntimeEngine(spec, SHARED_MODELS / spec.filename, precision="bf16", cache_dir=tmp_path)
+
+
+@pytest.mark.skipif(onnxruntime_has_cuda(), reason="this onnxruntime has a CUDA provider")
+def test_cuda_without_a_gpu_provider_is_an_error_never_a_cpu_run(tmp_path):
+    spec = CATALOG["espcn-x2"]
+    with pytest.raises(ConfigError, match="no CUDA or TensorRT execution provider"):
+        OnnxRuntimeEngine(spec, SHARED_MODELS / spec.filename, device="cuda", cache_dir=tmp_path)
+
+
+def test_gpu_providers_tensorrt_first_with_fp16_and_an_engine_cache(tmp_path):
+    both = provider_list("cuda", "fp16", [TENSORRT, CUDA, CPU], tmp_path, 3, 4)
+    assert [name for name, _ in both] == [TENSORRT, CUDA]  # never CPU: a GPU run or an error
+    trt = both[0][1]
+    assert trt["trt_fp16_enable"] is True and trt["trt_engine_cache_enable"] is True
+    assert trt["trt_engine_cache_path"] == str(tmp_path / "tensorrt")
+    assert trt["trt_profile_max_shapes"].startswith("input:4x3x")
+    assert provider_list("cuda", "fp32", [TENSORRT, CUDA, CPU], tmp_path, 1, 1)[0][1]["trt_fp16_enable"] is False
+    assert [name for name, _ in provider_list("cuda", "fp16", [CUDA, CPU], tmp_path, 1, 4)] == [CUDA]
+    assert provider_list("cpu", "fp32", [TENSORRT, CUDA, CPU], tmp_path, 1, 1) == [CPU]
+    with pytest.raises(ConfigError, match="onnxruntime-gpu"):
+        provider_list("cuda", "fp16", [CPU], tmp_path, 1, 1)

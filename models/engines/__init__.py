@@ -11,18 +11,27 @@ log = logging.getLogger("superres.engine")
 
 
 def probe_hardware(engine: str, device: str) -> Hardware:
-    """Look only as far as the choice needs: importing torch costs a second or two, so not for opencv on the CPU,
-    and not where there is no NVIDIA driver at all (no /dev/nvidiactl: CUDA cannot work)."""
+    """Look only as far as the choice needs: importing torch costs a second or two, so not for another engine or
+    the CPU, and not where there is no NVIDIA driver at all (no /dev/nvidiactl: CUDA cannot work)."""
     from models.engines.opencv_engine import opencv_has_cuda
 
     torch_installed = importlib.util.find_spec("torch") is not None
-    torch_cuda = False
+    onnxruntime_installed = importlib.util.find_spec("onnxruntime") is not None
     driver = os.path.exists("/dev/nvidiactl")
-    if torch_installed and (driver or device == "cuda") and not (engine == "opencv" or device == "cpu"):
+    wants_gpu = device == "cuda" or (device == "auto" and driver)
+    torch_cuda = False
+    if torch_installed and wants_gpu and engine in ("auto", "torch"):
         import torch
 
         torch_cuda = torch.cuda.is_available()
-    return Hardware(opencv_cuda=opencv_has_cuda(), torch_installed=torch_installed, torch_cuda=torch_cuda)
+    onnxruntime_cuda = False
+    if onnxruntime_installed and wants_gpu and engine in ("auto", "onnxruntime"):
+        from models.engines.onnx_engine import onnxruntime_has_cuda
+
+        onnxruntime_cuda = driver and onnxruntime_has_cuda()
+    return Hardware(opencv_cuda=opencv_has_cuda(), torch_installed=torch_installed, torch_cuda=torch_cuda,
+                    onnxruntime_installed=onnxruntime_installed, onnxruntime_cuda=onnxruntime_cuda,
+                    gpu_present=driver)
 
 
 def load_engine(settings) -> tuple[Engine, "object"]:
@@ -32,9 +41,16 @@ def load_engine(settings) -> tuple[Engine, "object"]:
     spec = get_model(settings.model)
     choice = choose_engine(settings.engine, settings.device, probe_hardware(settings.engine, settings.device),
                            fastest_on_cpu=spec.fastest_cpu_engine)
+    if choice.note:
+        log.warning(choice.note)
     path = model_path(spec, settings.model_dir or default_model_dir())
     verify_file(spec, path)  # a wrong or truncated file is a start-up error, not a per-image one
-    if choice.engine == "torch":
+    if choice.engine == "onnxruntime":
+        from models.engines.onnx_engine import OnnxRuntimeEngine
+
+        precision = settings.precision if settings.precision != "auto" else ("fp16" if choice.device == "cuda" else "fp32")
+        engine = OnnxRuntimeEngine(spec, path, device=choice.device, precision=precision, threads=settings.threads)
+    elif choice.engine == "torch":
         from models.engines.torch_engine import TorchEngine
 
         precision = settings.precision if settings.precision != "auto" else ("fp16" if choice.device == "cuda" else "fp32")

@@ -13,12 +13,22 @@ import numpy as np
 from pipeline.errors import ConfigError
 
 
+ENGINES = ("auto", "opencv", "onnxruntime", "torch")
+DEVICES = ("auto", "cpu", "cuda")
+
+
 class Engine(Protocol):
-    name: str  # "opencv" | "torch"
+    name: str  # "opencv" | "onnxruntime" | "torch"
     device: str  # "cpu" | "cuda"
     scale: int
 
     def upscale(self, image: np.ndarray) -> np.ndarray: ...
+
+    def upscale_batch(self, images: list[np.ndarray]) -> list[np.ndarray]: ...
+
+    def default_batch(self) -> int: ...
+
+    def default_tile(self, batch: int) -> int: ...
 
     def describe(self) -> dict: ...
 
@@ -27,49 +37,71 @@ class Engine(Protocol):
 class EngineChoice:
     engine: str
     device: str
+    note: str = ""  # why a GPU that is present is not used (said as a warning at start-up), else ""
 
 
 @dataclass(frozen=True)
 class Hardware:
-    """What this process can use. `torch_installed` False: the CPU image, without the gpu extra."""
+    """What this process can use. `torch_installed` False: the CPU image, without the gpu extra.
+    `onnxruntime_cuda`: the onnxruntime build has the CUDA provider (onnxruntime-gpu) and a driver is present.
+    `gpu_present`: an NVIDIA driver is there (/dev/nvidiactl), whether or not an engine can use it."""
 
     opencv_cuda: bool
     torch_installed: bool
     torch_cuda: bool
+    onnxruntime_installed: bool = False
+    onnxruntime_cuda: bool = False
+    gpu_present: bool = False
+
+    def installed(self, engine: str) -> bool:
+        return {"opencv": True, "torch": self.torch_installed, "onnxruntime": self.onnxruntime_installed}[engine]
+
+    def cuda(self, engine: str) -> bool:
+        return {"opencv": self.opencv_cuda, "torch": self.torch_cuda, "onnxruntime": self.onnxruntime_cuda}[engine]
 
 
-def choose_engine(engine: str, device: str, hw: Hardware, *, fastest_on_cpu: str = "opencv") -> EngineChoice:
-    """Pure selection rules. Never a silent CPU run: asking for cuda where nothing can use a GPU is a ConfigError.
+# auto on a GPU: torch first (channels-last fp16/bf16, its OOM handling), then onnxruntime (CUDA/TensorRT), then
+# OpenCV's CUDA backend (a source build only). The GPU order is not measured here (no GPU): bench/gpu_check.sh.
+GPU_ORDER = ("torch", "onnxruntime", "opencv")
+_NOT_INSTALLED = {
+    "torch": "PyTorch is not installed (install the gpu extra: pip install 'superres[gpu]')",
+    "onnxruntime": "onnxruntime is not installed (pip install onnxruntime)",
+}
+_NO_CUDA = {
+    "opencv": "this OpenCV build has no CUDA support (the PyPI opencv wheels are CPU-only: "
+              "cv2.cuda.getCudaEnabledDeviceCount() is 0)",
+    "torch": "torch.cuda.is_available() is False (no usable NVIDIA GPU or driver)",
+    "onnxruntime": "onnxruntime has no CUDA execution provider here (the CPU wheel 'onnxruntime', or no NVIDIA "
+                   "driver; the GPU image installs 'onnxruntime-gpu')",
+}
 
-    auto picks CUDA when a GPU is usable (torch first: it is our GPU path); on a CPU the model's measured
-    fastest engine among those installed (`ModelSpec.fastest_cpu_engine`).
+
+def choose_engine(engine: str, device: str, hw: Hardware, *, fastest_on_cpu: str | tuple[str, ...] = "opencv") -> EngineChoice:
+    """Pure selection rules. Never a silent CPU run: asking for cuda where nothing can use a GPU is a ConfigError,
+    and auto on a machine with a GPU that no installed engine can use says why (`EngineChoice.note`).
+
+    auto picks CUDA when a GPU is usable (`GPU_ORDER`); on a CPU the first installed engine of the model's
+    measured end-to-end order (`ModelSpec.fastest_cpu_engine`: one name or several, fastest first), else opencv.
     """
-    if engine not in ("auto", "opencv", "torch"):
-        raise ConfigError(f"unknown engine {engine!r}: use auto, opencv or torch")
-    if device not in ("auto", "cpu", "cuda"):
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}: use {', '.join(ENGINES[:-1])} or {ENGINES[-1]}")
+    if device not in DEVICES:
         raise ConfigError(f"unknown device {device!r}: use auto, cpu or cuda")
-    if engine == "torch" and not hw.torch_installed:
-        raise ConfigError("--engine torch: PyTorch is not installed (install the gpu extra: pip install 'superres[gpu]')")
+    if engine != "auto" and not hw.installed(engine):
+        raise ConfigError(f"--engine {engine}: {_NOT_INSTALLED[engine]}")
+    candidates = GPU_ORDER if engine == "auto" else (engine,)
+    if device in ("auto", "cuda"):
+        for name in candidates:
+            if hw.installed(name) and hw.cuda(name):
+                return EngineChoice(name, "cuda")
+    reasons = [_NO_CUDA[name] if hw.installed(name) else _NOT_INSTALLED[name] for name in candidates]
     if device == "cuda":
-        if engine in ("auto", "torch") and hw.torch_cuda:
-            return EngineChoice("torch", "cuda")
-        if engine in ("auto", "opencv") and hw.opencv_cuda:
-            return EngineChoice("opencv", "cuda")
-        why = {
-            "opencv": "this OpenCV build has no CUDA support (the PyPI opencv wheels are CPU-only: "
-                      "cv2.cuda.getCudaEnabledDeviceCount() is 0)",
-            "torch": "torch.cuda.is_available() is False (no usable NVIDIA GPU or driver)",
-        }
-        reasons = [why["torch"]] if hw.torch_installed else ["PyTorch is not installed (the gpu extra)"]
-        if engine != "torch":
-            reasons.append(why["opencv"])
         raise ConfigError("--device cuda: no engine can use a GPU here: " + "; ".join(reasons) + "; run with --device cpu")
-    if engine == "torch":
-        return EngineChoice("torch", "cuda" if device == "auto" and hw.torch_cuda else "cpu")
-    if device == "auto" and engine == "auto" and hw.torch_cuda:
-        return EngineChoice("torch", "cuda")
-    if device == "auto" and hw.opencv_cuda:
-        return EngineChoice("opencv", "cuda")
-    if engine == "auto" and fastest_on_cpu == "torch" and hw.torch_installed:
-        return EngineChoice("torch", "cpu")
-    return EngineChoice("opencv", "cpu")
+    note = ""
+    if device == "auto" and hw.gpu_present:
+        note = "a GPU is present but not used: " + "; ".join(reasons)
+    if engine != "auto":
+        return EngineChoice(engine, "cpu", note)
+    order = (fastest_on_cpu,) if isinstance(fastest_on_cpu, str) else tuple(fastest_on_cpu)
+    pick = next((name for name in order if name in ENGINES[1:] and hw.installed(name)), "opencv")
+    return EngineChoice(pick, "cpu", note)
