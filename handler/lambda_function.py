@@ -2,9 +2,11 @@
 
 Configuration comes from the same `Settings` as the CLI (SUPERRES_OUTBOX=s3://…, SUPERRES_FAILED, SUPERRES_MODEL,
 SUPERRES_MODEL_DIR, …). The model is loaded here, at import: once per cold start, not once per event.
-For SQS-triggered invocations the return value is the partial batch response: exactly the messages whose
-objects hit a transient error are reported, to be retried; bad inputs are recorded under the failed prefix
-and not retried. When the time left gets short, the remaining messages are reported for retry unprocessed."""
+The whole batch goes through the stage runner (pipeline/stages.py), several objects in flight, so that the engine
+never waits on downloads, decoding, encoding or uploads. For SQS-triggered invocations the return value is the
+partial batch response: exactly the messages whose objects hit a transient error are reported, to be retried;
+bad inputs are recorded under the failed prefix and not retried. When the time left gets short (under twice the
+slowest item yet, and never under 5 s), the messages not yet started are reported for retry unprocessed."""
 
 import logging
 import os
@@ -30,7 +32,6 @@ _slowest_ms = 0.0
 
 
 def handler(event: dict, context) -> dict:
-    global _slowest_ms
     if _processor.engine_failure:
         # the engine broke in an earlier invocation (whose work was given back): exit before taking any, so
         # Lambda starts a fresh environment; this invocation fails as a whole and is retried
@@ -40,25 +41,39 @@ def handler(event: dict, context) -> dict:
     from_sqs = any(m.message_id for m in messages)
     failures: list[str] = []
     counts = {"done": 0, "duplicate": 0, "failed": 0, "skipped": 0, "retry": 0, "lost-claim": 0}
-    for index, message in enumerate(messages):
-        remaining = context.get_remaining_time_in_millis() if context is not None else float("inf")
-        if remaining < max(MIN_RESERVE_MS, 2 * _slowest_ms):
-            left = [m.message_id for m in messages[index:] if m.message_id]
-            log.warning("time is short: returning the rest for retry", extra={"fields": {"remaining_ms": remaining,
-                                                                                          "messages": len(left)}})
-            failures.extend(left)
-            break
-        before = context.get_remaining_time_in_millis() if context is not None else 0
-        outcome = _runner.run(message)
-        if context is not None:
-            _slowest_ms = max(_slowest_ms, before - context.get_remaining_time_in_millis())
-        for result in outcome.results:
-            counts[result.outcome] += 1
-        if outcome.retry and message.message_id:
+    outcomes: dict[int, object] = {}
+    in_flight = _runner.messages()  # the whole batch through the stage runner, several objects at a time
+
+    def settle(done) -> None:
+        global _slowest_ms
+        for index, outcome in done:
+            outcomes[index] = outcome
+            for result in outcome.results:
+                counts[result.outcome] += 1
+                _slowest_ms = max(_slowest_ms, 1000 * sum(result.seconds.values()))
+
+    try:
+        for index, message in enumerate(messages):
+            while in_flight.room() <= 0:
+                settle(in_flight.take(wait_s=0.5))
+            settle(in_flight.take())
+            remaining = context.get_remaining_time_in_millis() if context is not None else float("inf")
+            if remaining < max(MIN_RESERVE_MS, 2 * _slowest_ms) or _processor.engine_failure:
+                left = [m.message_id for m in messages[index:] if m.message_id]
+                log.warning("time is short: returning the rest for retry", extra={"fields": {
+                    "remaining_ms": remaining, "messages": len(left)}})
+                failures.extend(left)
+                break
+            in_flight.add(index, _runner.sources(message))
+    finally:
+        settle(in_flight.close())
+    for index in sorted(outcomes):
+        message = messages[index]
+        if outcomes[index].retry and message.message_id:
             failures.append(message.message_id)
-        elif outcome.retry:
+        elif outcomes[index].retry:
             # a direct S3 or EventBridge invocation has no batch response: raising makes Lambda retry it
             raise TransientError("some objects hit a transient error; the invocation will be retried")
     if from_sqs:
-        return {"batchItemFailures": [{"itemIdentifier": message_id} for message_id in failures]}
+        return {"batchItemFailures": [{"itemIdentifier": message_id} for message_id in dict.fromkeys(failures)]}
     return {"results": counts}

@@ -34,7 +34,7 @@ def open_processor(settings, mode: str = "oneshot", *, max_receive_count: int | 
         raise ConfigError("; ".join(problems))
     check_places(settings, [("outbox", outbox_at, "folder"), ("failed place", failed, "folder"),
                             ("ledger", ledger_at, "prefix" if is_s3_uri(ledger_at) else "file")])
-    engine, spec = load_engine(settings)  # after the cheap checks above, before anything is created
+    engine, spec = _engine(settings)  # after the cheap checks above, before anything is created
     clients = _Clients(settings.s3_endpoint_url)
     outbox, failed_place = open_place(outbox_at, clients), open_place(failed, clients)
     ledger = open_ledger(ledger_at, settings.lease_s, clients)
@@ -48,6 +48,24 @@ def open_processor(settings, mode: str = "oneshot", *, max_receive_count: int | 
         if hasattr(place, "remove_orphans"):
             place.remove_orphans(pid_alive)  # temp files of processes that were killed
     return processor
+
+
+# Test-only (tests/ and bench/; never set in production): SUPERRES_TEST_ENGINE=FILE.py:FACTORY puts an engine
+# double in place of the real engine in a real process: bench/sim_engine.py's simulated GPU. Read here only.
+TEST_ENGINE_HOOK = "SUPERRES_TEST_ENGINE"
+
+
+def _engine(settings):
+    hook = os.environ.get(TEST_ENGINE_HOOK)
+    if not hook:
+        return load_engine(settings)
+    import importlib.util
+
+    path, _, factory = hook.rpartition(":")
+    spec = importlib.util.spec_from_file_location("superres_test_engine", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, factory)(settings)
 
 
 def check_places(settings, places: list[tuple[str, str, str]]) -> None:

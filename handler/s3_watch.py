@@ -1,5 +1,7 @@
 """`superres watch --inbox s3://bucket/prefix/`: poll the prefix with ListObjectsV2 every --rescan-s and take
-each object once (the ledger remembers across restarts; a listing's size+ETag is the fingerprint)."""
+each object once (the ledger remembers across restarts; a listing's size+ETag is the fingerprint). Objects go
+through the stage runner several at a time, so that the engine never waits on downloads, decoding, encoding or
+uploads; SIGTERM: take nothing more, finish the items in hand, stop."""
 
 import logging
 import time
@@ -13,6 +15,7 @@ from pipeline.events import ObjectRef, drop_loops
 from pipeline.errors import TransientError
 from pipeline.intake import is_temp_name
 from pipeline.s3keys import parse_s3_uri, relative_key
+from pipeline.stages import StageRunner, Window, in_flight_for
 
 log = logging.getLogger("superres")
 
@@ -29,8 +32,23 @@ def run_s3_watch(settings) -> int:
     ops.serve(settings.metrics_port, settings.metrics_host)
     log.info("watching", extra={"fields": {"inbox": settings.inbox, "outbox": settings.outbox}})
     outage = Backoff()
+    limit = in_flight_for(processor, settings.in_flight)
+    runner = StageRunner(processor, queue_max=limit)
+    window = Window(runner, limit, track=ops.in_flight)
+
+    def settle_done(*, wait_s: float = 0.0) -> None:
+        if wait_s:
+            window.wait(wait_s)
+        for ref, result in window.take():
+            ops.record(result, log_line=result.outcome != "skipped")
+            if not result.retryable:
+                seen.add((ref.key, ref.etag))
+
+    def taking() -> bool:
+        return not stop.set and not processor.engine_failure and runner.failure is None
+
     try:
-        while not stop.set and not processor.engine_failure:
+        while taking():
             ops.heartbeat()
             started = time.monotonic()
             try:
@@ -42,20 +60,32 @@ def run_s3_watch(settings) -> int:
                 continue
             refs, _ = drop_loops(listing, guard)  # the outbox may sit inside the inbox prefix
             for ref in refs:
-                if stop.set or processor.engine_failure:
+                settle_done()
+                if not taking():
                     break
-                if (ref.key, ref.etag) in seen or is_temp_name(ref.key.rpartition("/")[2]):
+                in_hand = {(r.key, r.etag) for r in window.tags()}
+                if (ref.key, ref.etag) in seen or (ref.key, ref.etag) in in_hand or \
+                        is_temp_name(ref.key.rpartition("/")[2]):
                     continue
+                while not window.room() and taking():
+                    ops.heartbeat()
+                    settle_done(wait_s=0.5)  # the engine has enough: wait for one to be done
+                if not taking():
+                    break
                 src = S3Object(objects, bucket, ref.key, relative_key(ref.key, prefix), size=ref.size, etag=ref.etag,
                                processed=processed)
-                with ops.in_flight():
-                    result = processor.process(src)
-                ops.record(result, log_line=result.outcome != "skipped")
-                if not result.retryable:
-                    seen.add((ref.key, ref.etag))
-            while not stop.set and time.monotonic() - started < settings.rescan_s:
+                window.submit(src, ref)
+            while taking() and time.monotonic() - started < settings.rescan_s:
                 ops.heartbeat()
-                stop.sleep(0.2)
+                if len(window):
+                    settle_done(wait_s=0.2)
+                else:
+                    stop.sleep(0.2)
     finally:
-        processor.close()
+        try:
+            runner.close()  # what is in hand is finished, and settled here
+            for ref, result in window.take(all=True):
+                ops.record(result, log_line=result.outcome != "skipped")
+        finally:
+            processor.close()
     return how_it_ended(processor, ops)

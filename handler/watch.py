@@ -1,5 +1,7 @@
 """`superres watch`: a local inbox with a real watchdog observer, or an S3 prefix polled with ListObjectsV2.
-Each ready object goes through the pipeline. SIGTERM/SIGINT finish the item in hand, then stop (exit 0)."""
+Ready objects go through the stage runner (pipeline/stages.py), several in flight so that the engine never waits
+on reading, decoding, encoding or publishing. SIGTERM/SIGINT: take nothing more, finish the items in hand, then
+stop (exit 0)."""
 
 import heapq
 import logging
@@ -13,6 +15,7 @@ from pipeline.adapters.local_files import LocalFile
 from pipeline.errors import ConfigError
 from pipeline.process import Result
 from pipeline.s3keys import is_s3_uri
+from pipeline.stages import StageRunner, Window, in_flight_for
 
 log = logging.getLogger("superres")
 
@@ -47,39 +50,51 @@ def run_watch(settings) -> int:
     log.info("watching", extra={"fields": {"inbox": str(inbox), "outbox": settings.outbox, "poll": settings.poll}})
     retries: list[tuple[float, str]] = []  # (due, name), a heap
     attempts: dict[str, int] = {}
+    limit = in_flight_for(processor, settings.in_flight)
+    runner = StageRunner(processor, queue_max=limit)
+    window = Window(runner, limit, track=ops.in_flight)
+
+    def settle(path: Path, result: Result) -> None:
+        ops.record(result)
+        if result.retryable:
+            attempt = attempts.get(path.name, 0)
+            if attempt < len(RETRY_DELAYS_S):
+                attempts[path.name] = attempt + 1
+                # a busy claim: when its holder's lease could have run out, if it has not finished by then
+                delay = max(RETRY_DELAYS_S[attempt], result.retry_after_s or 0)
+                heapq.heappush(retries, (time.monotonic() + delay, path.name))
+        else:
+            attempts.pop(path.name, None)
+        watcher.done(path)
+
     try:
-        while not stop.set and not processor.engine_failure:
+        while not stop.set and not processor.engine_failure and runner.failure is None:
             ops.heartbeat()
-            path = _next(watcher, retries, inbox)
-            if path is None:
+            for path, result in window.take():
+                settle(path, result)
+            if not window.room():
+                window.wait(0.5)  # the engine has enough: wait for one to be done
                 continue
-            src = LocalFile(path, path.name, inbox, processed=processed)
-            with ops.in_flight():
-                try:
-                    result = processor.process(src)
-                except Exception as exc:  # e.g. the failed place itself is not writable: retry later, keep running
-                    log.exception("could not settle %r", path.name)
-                    result = Result(src, "retry", detail=str(exc))
-            ops.record(result)
-            if result.retryable:
-                attempt = attempts.get(path.name, 0)
-                if attempt < len(RETRY_DELAYS_S):
-                    attempts[path.name] = attempt + 1
-                    # a busy claim: when its holder's lease could have run out, if it has not finished by then
-                    delay = max(RETRY_DELAYS_S[attempt], result.retry_after_s or 0)
-                    heapq.heappush(retries, (time.monotonic() + delay, path.name))
-            else:
-                attempts.pop(path.name, None)
-            watcher.done(path)
+            # items in flight: look again soon, to settle them as they are done
+            path = _next(watcher, retries, inbox, 0.05 if len(window) else 0.5, busy=set(window.tags()))
+            if path is not None:
+                window.submit(LocalFile(path, path.name, inbox, processed=processed), path)
     finally:
-        watcher.stop()
-        processor.close()
+        try:
+            runner.close()  # what is in hand is finished, and settled below
+            for path, result in window.take(all=True):
+                settle(path, result)
+        finally:
+            watcher.stop()
+            processor.close()
     return how_it_ended(processor, ops)
 
 
-def _next(watcher, retries: list, inbox: Path) -> Path | None:
+def _next(watcher, retries: list, inbox: Path, wait_s: float, busy: set) -> Path | None:
     if retries and retries[0][0] <= time.monotonic():
         _, name = heapq.heappop(retries)
         path = inbox / name
+        if path in busy:  # handed out again since, and in flight: that one settles it
+            return None
         return path if path.exists() or path.is_symlink() else None
-    return watcher.next_ready(0.5)
+    return watcher.next_ready(wait_s)

@@ -1,10 +1,12 @@
-"""`superres worker`: long-poll an SQS queue of S3 event messages, a batch at a time.
+"""`superres worker`: long-poll an SQS queue of S3 event messages and keep several in flight.
 
-A message is deleted only after every object in it is published (or recorded as a duplicate or a
-permanent failure) and in the ledger. While an item is in work a heartbeat thread keeps the message
-invisible and the ledger claim alive. A transient failure leaves the message to come back; a message that
-keeps failing goes to the queue's dead-letter queue by its redrive policy. SIGTERM finishes the item in
-hand, gives the rest of the batch back to the queue at once, and exits 0."""
+Every object of every message in hand goes through the one stage runner (pipeline/stages.py), so that the engine
+never waits on downloads, decoding, encoding or uploads; the worker receives more while there is room. A message
+is deleted only after every object in it is published (or recorded as a duplicate or a permanent failure) and in
+the ledger. While any of its objects is in flight one heartbeat thread keeps every message in hand invisible (the
+Processor renews each ledger claim itself). A transient failure leaves the message to come back; a message that
+keeps failing goes to the queue's dead-letter queue by its redrive policy. SIGTERM: receive nothing more, finish
+the items in hand, settle their messages, exit 0."""
 
 import json
 import logging
@@ -30,12 +32,15 @@ class _Interrupted(Exception):
 
 
 class Heartbeat:
-    """Keeps a message invisible while its item is in work (the Processor renews the ledger claim itself)."""
+    """Keeps every message in hand invisible while its objects are in work: one thread, every `every_s`, a
+    ChangeMessageVisibilityBatch per ten messages (the Processor renews the ledger claims itself)."""
 
-    def __init__(self, sqs, queue_url: str, receipt: str, visibility_s: int, every_s: float):
-        self._args = (sqs, queue_url, receipt, visibility_s, every_s)
+    def __init__(self, sqs, queue_url: str, visibility_s: int, every_s: float):
+        self._sqs, self._queue_url, self._visibility_s, self._every_s = sqs, queue_url, visibility_s, every_s
+        self._receipts: set[str] = set()  # receipt handles of the messages in hand
+        self._lock = threading.Lock()  # a message is never renewed after it is let go (deleted or deferred)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._run, name="superres-sqs-heartbeat", daemon=True)
 
     def __enter__(self):
         self._thread.start()
@@ -45,14 +50,31 @@ class Heartbeat:
         self._stop.set()
         self._thread.join()
 
+    def hold(self, message: dict) -> None:
+        with self._lock:
+            self._receipts.add(message["ReceiptHandle"])
+
+    def let_go(self, message: dict) -> None:
+        with self._lock:
+            self._receipts.discard(message["ReceiptHandle"])
+
     def _run(self) -> None:
-        sqs, queue_url, receipt, visibility_s, every_s = self._args
-        while not self._stop.wait(max(1.0, every_s)):
-            try:
-                call("change_message_visibility", sqs.change_message_visibility, QueueUrl=queue_url,
-                     ReceiptHandle=receipt, VisibilityTimeout=visibility_s)
-            except Exception as exc:  # noqa: BLE001 - a missed beat is survivable: the visibility has slack
-                log.warning("heartbeat failed: %s", describe(exc))
+        while not self._stop.wait(max(1.0, self._every_s)):
+            with self._lock:
+                held = sorted(self._receipts)
+                for start in range(0, len(held), 10):
+                    self._beat(held[start:start + 10])
+
+    def _beat(self, held: list[str]) -> None:
+        entries = [{"Id": str(i), "ReceiptHandle": receipt, "VisibilityTimeout": self._visibility_s}
+                   for i, receipt in enumerate(held)]
+        try:
+            answer = call("change_message_visibility_batch", self._sqs.change_message_visibility_batch,
+                          QueueUrl=self._queue_url, Entries=entries)
+            for failed in answer.get("Failed", []):
+                log.warning("heartbeat failed for a message: %s", failed.get("Message") or failed.get("Code"))
+        except Exception as exc:  # noqa: BLE001 - a missed beat is survivable: the visibility has slack
+            log.warning("heartbeat failed: %s", describe(exc))
 
 
 def max_receive_count(sqs, queue_url: str) -> int | None:
@@ -83,39 +105,65 @@ def run_worker(settings, *, max_messages: int | None = None, idle_exit_s: float 
     runner = EventRunner(processor, S3Objects(s3_client(settings.s3_endpoint_url)), settings, loop_guard(settings), ops)
     ops.serve(settings.metrics_port, settings.metrics_host)
     log.info("worker ready", extra={"fields": {"queue": settings.queue_url, "outbox": settings.outbox}})
-    handled, idle_since, outage = 0, time.monotonic(), Backoff()
+    handled, received, idle_since, outage = 0, 0, time.monotonic(), Backoff()
+    in_flight = runner.messages()
+    heartbeat = Heartbeat(sqs, settings.queue_url, settings.visibility_s, settings.sqs_heartbeat_s())
+
+    def settle(done) -> None:
+        nonlocal handled
+        for message, outcome in done:
+            heartbeat.let_go(message)
+            settle_message(sqs, settings, processor, message, outcome)
+            handled += 1
+
+    def taking() -> bool:
+        return (not stop.set and not processor.engine_failure and in_flight.window.runner.failure is None
+                and (max_messages is None or received < max_messages))
+
     try:
-        while not stop.set and not processor.engine_failure and (max_messages is None or handled < max_messages):
-            ops.heartbeat()
+        with heartbeat:
             try:
-                state["waiting"] = True
-                messages = call(
-                    "receive_message", sqs.receive_message, QueueUrl=settings.queue_url,
-                    MaxNumberOfMessages=settings.batch_size,
-                    WaitTimeSeconds=settings.wait_s, VisibilityTimeout=settings.visibility_s,
-                    AttributeNames=["ApproximateReceiveCount"],
-                ).get("Messages", [])
-                outage.reset()
-            except _Interrupted:
-                break
-            except Exception as exc:  # noqa: BLE001 - an outage of any length: wait and try again
-                state["waiting"] = False
-                log.warning("cannot receive from the queue (%s); retrying in %.0f s", describe(exc), outage.peek())
-                stop.sleep(outage.next())
-                continue
+                while taking():
+                    ops.heartbeat()
+                    settle(in_flight.take())
+                    room = in_flight.room()
+                    if room <= 0:
+                        settle(in_flight.take(wait_s=0.5))  # the engine has enough: wait for one to be done
+                        continue
+                    want = min(settings.batch_size, room, max_messages - received if max_messages else 10)
+                    try:
+                        state["waiting"] = True
+                        messages = call(
+                            "receive_message", sqs.receive_message, QueueUrl=settings.queue_url,
+                            MaxNumberOfMessages=want,
+                            # items in flight: a short wait, so that their messages are settled soon after
+                            WaitTimeSeconds=min(1, settings.wait_s) if len(in_flight) else settings.wait_s,
+                            VisibilityTimeout=settings.visibility_s, AttributeNames=["ApproximateReceiveCount"],
+                        ).get("Messages", [])
+                        outage.reset()
+                    except _Interrupted:
+                        break
+                    except Exception as exc:  # noqa: BLE001 - an outage of any length: wait and try again
+                        state["waiting"] = False
+                        log.warning("cannot receive from the queue (%s); retrying in %.0f s", describe(exc),
+                                    outage.peek())
+                        stop.sleep(outage.next())
+                        continue
+                    finally:
+                        state["waiting"] = False
+                    if not messages:
+                        if not len(in_flight) and idle_exit_s is not None and \
+                                time.monotonic() - idle_since > idle_exit_s:
+                            break
+                        continue
+                    for message in messages:
+                        received += 1
+                        heartbeat.hold(message)
+                        refs, skipped = parse_sqs_body(message.get("Body", ""))
+                        in_flight.add(message, runner.sources(Message(message["MessageId"], refs, skipped)))
+                    idle_since = time.monotonic()
             finally:
-                state["waiting"] = False
-            if not messages:
-                if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
-                    break
-                continue
-            for i, message in enumerate(messages):
-                if stop.set or processor.engine_failure:
-                    release(sqs, settings.queue_url, messages[i:])
-                    break
-                handle(sqs, settings, runner, processor, message)
-                handled += 1
-            idle_since = time.monotonic()
+                settle(in_flight.close())  # the items in hand are finished, their messages settled
     finally:
         processor.close()
     return how_it_ended(processor, ops, messages=handled)
@@ -137,11 +185,9 @@ def retry_delay_s(settings, outcome, receives: int) -> int:
     return int(min(SQS_MAX_VISIBILITY_S, max(0, delay)))
 
 
-def handle(sqs, settings, runner: EventRunner, processor, message: dict) -> None:
-    refs, skipped = parse_sqs_body(message.get("Body", ""))
+def settle_message(sqs, settings, processor, message: dict, outcome) -> None:
+    """Every object of the message has its result: delete it, or defer it for the retry its outcome asks."""
     receipt = message["ReceiptHandle"]
-    with Heartbeat(sqs, settings.queue_url, receipt, settings.visibility_s, settings.sqs_heartbeat_s()):
-        outcome = runner.run(Message(message["MessageId"], refs, skipped))
     try:
         if outcome.retry:
             receives = int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
@@ -152,13 +198,3 @@ def handle(sqs, settings, runner: EventRunner, processor, message: dict) -> None
             call("delete_message", sqs.delete_message, QueueUrl=settings.queue_url, ReceiptHandle=receipt)
     except Exception as exc:  # noqa: BLE001 - the message comes back after its visibility; settled items are skipped
         log.warning("could not %s a message: %s", "defer" if outcome.retry else "delete", describe(exc))
-
-
-def release(sqs, queue_url: str, messages: list[dict]) -> None:
-    """Give messages we will not work on back to the queue now, instead of after their visibility timeout."""
-    for message in messages:
-        try:
-            call("change_message_visibility", sqs.change_message_visibility, QueueUrl=queue_url,
-                 ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("could not release a message (%s); it returns after its visibility timeout", describe(exc))

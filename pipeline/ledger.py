@@ -39,16 +39,20 @@ def dedup_key(sha256: str, variant: str) -> str:
     return f"{sha256}:{variant}"
 
 
-def output_variant(model: str, scale: int, policy: str, fmt: str, quality: int | None) -> str:
-    """Everything that changes the output bytes of one content (`policy` already names its cap side)."""
+def output_variant(model: str, scale: int, policy: str, fmt: str, quality: int | None, png: str = "fast") -> str:
+    """Everything that changes the output bytes of one content (`policy` already names its cap side; `png`:
+    the PNG compression, named only when not the default, so that outputs made before the setting keep their keys)."""
     q = f":q{quality}" if quality is not None else ""
-    return f"{model}:x{scale}:{policy}:{fmt.lower()}{q}:v{PIPELINE_VERSION}"
+    c = f":c{png}" if fmt.upper() == "PNG" and png != "fast" else ""
+    return f"{model}:x{scale}:{policy}:{fmt.lower()}{q}{c}:v{PIPELINE_VERSION}"
 
 
-def request_id(model: str, scale: int, policy: str, out_format: str, jpeg_quality: int, webp_quality: int) -> str:
+def request_id(model: str, scale: int, policy: str, out_format: str, jpeg_quality: int, webp_quality: int,
+               png: str = "fast") -> str:
     """The settings of a run that change outputs, known before any input is read: a source settled under
     other settings is not "already done"."""
-    return f"{model}:x{scale}:{policy}:{out_format}:j{jpeg_quality}:w{webp_quality}:v{PIPELINE_VERSION}"
+    c = f":p{png}" if png != "fast" else ""
+    return f"{model}:x{scale}:{policy}:{out_format}:j{jpeg_quality}:w{webp_quality}{c}:v{PIPELINE_VERSION}"
 
 
 @dataclass(frozen=True)

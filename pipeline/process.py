@@ -83,6 +83,7 @@ class Job:
     out_url: str = ""
     image: codec.DecodedImage | None = None
     frames: list | None = None
+    encoded: bytes | None = None  # the output's bytes, once encoded
     error: BaseException | None = None
     timings: dict = field(default_factory=dict)
     on_progress: object = None  # (tiles_done, tiles_total) of this item, from the engine's thread
@@ -104,6 +105,7 @@ class Options:
     suffix: str = ""  # output names NAME{suffix}.ext
     output_name: str | None = None  # `--out big.png`: the one output's name in the outbox folder
     overwrite: bool = False  # settled sources are new work again, and their outputs are published over
+    png_compression: str = "fast"  # codec.PNG_COMPRESSIONS
 
     @classmethod
     def from_settings(cls, s) -> "Options":
@@ -112,12 +114,12 @@ class Options:
             policy=s.policy, cap_side=s.cap_side, tile=s.tile, tile_batch=s.tile_batch, out_format=s.format,
             jpeg_quality=s.jpeg_quality, webp_quality=s.webp_quality, dedup=s.dedup,
             on_duplicate=s.on_duplicate, disposition=s.disposition, suffix=s.suffix,
-            output_name=s.output_file(), overwrite=s.overwrite,
+            output_name=s.output_file(), overwrite=s.overwrite, png_compression=s.png_compression,
         )
 
     def transform(self) -> TransformOptions:
         return TransformOptions(self.limits, self.max_output_pixels, self.policy, self.cap_side, self.out_format,
-                                self.jpeg_quality, self.webp_quality, self.tile, self.tile_batch)
+                                self.jpeg_quality, self.webp_quality, self.tile, self.tile_batch, self.png_compression)
 
 
 def output_rel(rel: str, ext: str, suffix: str = "") -> str:
@@ -147,7 +149,7 @@ class Processor:
         self.transform = Transform(engine, spec, options.transform())
         self.policy = self.transform.policy
         self.request = request_id(spec.name, spec.scale, self.policy, options.out_format, options.jpeg_quality,
-                                  options.webp_quality)
+                                  options.webp_quality, options.png_compression)
         if options.suffix:  # another output name: a source done without it is not done with it
             self.request += f"|suffix={options.suffix}"
         self.batch = self.transform.batch
@@ -235,7 +237,8 @@ class Processor:
             header = plan.header
             job.rel_out = self.opt.output_name or output_rel(src.rel, plan.ext, self.opt.suffix)
             job.out_url = self.outbox.url(job.rel_out)
-            variant = output_variant(self.spec.name, self.spec.scale, self.policy, plan.fmt, plan.quality)
+            variant = output_variant(self.spec.name, self.spec.scale, self.policy, plan.fmt, plan.quality,
+                                     self.opt.png_compression)
             key = dedup_key(job.sha, variant if self.opt.dedup else f"{variant}:{src.id}")
             self._hold(key)
             job.key = key
@@ -342,15 +345,28 @@ class Processor:
 
     # -- phase 3: encode, publish, ledger, disposition -------------------------------------------------------------
 
+    def encode(self, job: "Job") -> None:
+        """Encode the upscaled frames: the bytes, or the error, land on the job. On its own so that the stage
+        runner's encoders can run it on several items at once; `finish` publishes in order."""
+        if job.error is not None or job.encoded is not None:
+            return
+        t = time.perf_counter()
+        try:
+            job.encoded = self.transform.encode(job.image, job.frames, job.plan)
+        except Exception as exc:  # noqa: BLE001 - settled by finish, as any error of the item
+            job.error = exc
+        job.timings["encode"] = time.perf_counter() - t
+
     def finish(self, job: "Job") -> Result:
         src = job.src
         try:
             if job.error is not None:
                 raise job.error
             self._check_claim(job)
-            t = time.perf_counter()
-            encoded = self.transform.encode(job.image, job.frames, job.plan)
-            job.timings["encode"] = time.perf_counter() - t
+            self.encode(job)  # already done where the stage runner's encoders did it
+            if job.error is not None:
+                raise job.error
+            encoded = job.encoded
             t = time.perf_counter()
             tag = hashlib.sha256(job.key.encode()).hexdigest()[:32]  # this item: content and settings
             staged = self.outbox.stage(encoded, tag)

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(1, ge=1, le=10)  # SQS messages received at a time
     visibility_s: int = Field(300, ge=10, le=43200)  # SQS visibility while an item is in work (kept up by heartbeats)
     wait_s: int = Field(20, ge=0, le=20)  # SQS long-poll wait
+    # watch, worker, Lambda: items in the stage runner at once (read ahead of the engine, encoded and published
+    # behind it); 0: enough that the engine never waits on the CPU stages (pipeline/stages.py in_flight_for)
+    in_flight: int = Field(0, ge=0, le=256)
 
     # the model and where it runs
     model: str = "edsr-x3"
@@ -54,6 +57,10 @@ class Settings(BaseSettings):
     format: Literal["keep", "png", "jpeg", "webp", "tiff"] = "keep"  # also jpg and tif (stored as jpeg, tiff)
     jpeg_quality: int = Field(95, ge=1, le=100)
     webp_quality: int = Field(95, ge=1, le=100)
+    # PNG: fast (OpenCV's level 1, run-length: the quickest, ~10 % larger than level 1) or a zlib level 0-9 (6 is
+    # ~5x slower for ~18 % smaller files, 9 ~30x slower for ~20 %; docs/benchmarks.md). Changes the output bytes,
+    # so it is part of what "already done" means (pipeline/ledger.py)
+    png_compression: Literal["fast", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9"] = "fast"
     quality: int | None = Field(None, ge=1, le=100)  # both of the above, unless one is given itself
     suffix: str = ""  # output names NAME{suffix}.ext (e.g. "_x3": photo_x3.png); default none
     overwrite: bool = False  # process again what the ledger says is done, and publish over its output
@@ -92,6 +99,11 @@ class Settings(BaseSettings):
             value = value.strip().lower()
             return {"jpg": "jpeg", "tif": "tiff"}.get(value, value)
         return value
+
+    @field_validator("png_compression", mode="before")
+    @classmethod
+    def _png_level(cls, value):
+        return str(value).strip().lower() if isinstance(value, (int, str)) else value
 
     @field_validator("suffix")
     @classmethod

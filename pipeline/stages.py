@@ -1,21 +1,36 @@
 """The one stage runner: every driver (one-shot, watch, the worker, Lambda, the HTTP server) submits items and
-takes their results; the Processor's three phases run overlapped on three threads.
+takes their results; the Processor's phases run overlapped on their own threads.
 
     submit(src) -> [incoming, queue_max] -> reader: prepare -> [depth] -> engine: run_engine_many
-                -> [depth] -> writer: finish -> the item's Future
+                -> encoders (a small pool): encode -> [depth] -> writer: finish (publish, ledger) -> the Future
 
-Queues are bounded: memory holds at most about 2*depth+3 decoded items (plus a GPU's group), whatever the
-number submitted (backpressure: `submit` blocks, or raises `Full` when asked not to). One thread per phase keeps
-results in submission order and the engine on one thread (CUDA contexts and OpenCV's thread pool like one
-caller). Items ready at once share engine calls where the engine batches (a GPU)."""
+Queues are bounded: memory holds at most about 2*depth+3 decoded items plus the encoders' (and a GPU's group),
+whatever the number submitted (backpressure: `submit` blocks, or raises `Full` when asked not to). One reader,
+one engine thread and one writer keep results in submission order and the engine on one thread (CUDA contexts
+and OpenCV's thread pool like one caller); encoding, the one CPU stage that grows with the output, runs on a few
+threads (PNG/JPEG/WebP encoders release the GIL), and the writer takes their results in order. Items ready at
+once share engine calls where the engine batches (a GPU).
 
+An exception that escapes the Processor for one item (a bug, an unwritable failed place) is that item's: its
+Future has it and the runner goes on. Only KeyboardInterrupt/SystemExit are fatal (`failure`): nothing more is
+started, and every later item's Future has it."""
+
+import logging
+import os
 import queue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from pipeline.process import Job, Processor, Result
 
+log = logging.getLogger("superres")
+
 _END = object()
+
+
+def encode_threads() -> int:
+    """Encoders: one per core beyond the two the reader and writer use, 1 to 4 (docs/benchmarks.md)."""
+    return max(1, min(4, (os.cpu_count() or 1) - 2))
 
 
 class Full(Exception):
@@ -27,23 +42,25 @@ class Closed(Exception):
 
 
 class _Item:
-    __slots__ = ("src", "future", "on_progress", "job")
+    __slots__ = ("src", "future", "on_progress", "job", "encoded")
 
     def __init__(self, src, future: Future, on_progress):
         self.src, self.future, self.on_progress = src, future, on_progress
-        self.job: "Job | Result | None" = None
+        self.job: "Job | Result | BaseException | None" = None
+        self.encoded: Future | None = None  # the encoder's work on this item's job
 
 
 class StageRunner:
-    def __init__(self, processor: Processor, *, depth: int = 2, queue_max: int = 0):
+    def __init__(self, processor: Processor, *, depth: int = 2, queue_max: int = 0, encoders: int = 0):
         self.processor = processor
         self._incoming: queue.Queue = queue.Queue(maxsize=queue_max or depth)
-        self._prepared: queue.Queue = queue.Queue(maxsize=depth)
+        self._prepared: queue.Queue = queue.Queue(maxsize=max(depth, processor.batch))  # room for a GPU's group
         self._finished: queue.Queue = queue.Queue(maxsize=depth)
+        self._encoders = ThreadPoolExecutor(encoders or encode_threads(), thread_name_prefix="superres-encode")
         self._lock = threading.Lock()
         self._pending = 0  # submitted, result not yet set
         self._closed = False
-        self.failure: BaseException | None = None  # what escaped the Processor (a bug, KeyboardInterrupt): fatal
+        self.failure: BaseException | None = None  # KeyboardInterrupt, SystemExit: fatal
         self._threads = [threading.Thread(target=target, name=f"superres-{name}", daemon=True)
                          for name, target in (("read", self._read), ("engine", self._engine), ("write", self._write))]
         for t in self._threads:
@@ -84,8 +101,9 @@ class StageRunner:
         self._incoming.put(_END)
         for t in self._threads:
             t.join()
+        self._encoders.shutdown(wait=True)
 
-    # -- the three phases -------------------------------------------------------------------------------------
+    # -- the phases ---------------------------------------------------------------------------------------------
 
     def _settle(self, item: _Item, result: Result | None = None, exc: BaseException | None = None) -> None:
         with self._lock:
@@ -95,14 +113,15 @@ class StageRunner:
         else:
             item.future.set_result(result)
 
-    def _fatal(self, item: _Item, exc: BaseException) -> None:
-        self.failure = self.failure or exc
+    def _escaped(self, item: _Item, exc: BaseException) -> None:
+        if not isinstance(exc, Exception):
+            self.failure = self.failure or exc
         self._settle(item, exc=exc)
 
     def _read(self) -> None:
         while (item := self._incoming.get()) is not _END:
             if self.failure is not None:  # the runner is broken: nothing more is started
-                self._fatal(item, self.failure)
+                self._escaped(item, self.failure)
                 continue
             try:
                 item.job = self.processor.prepare(item.src)
@@ -134,6 +153,8 @@ class StageRunner:
                     for job in jobs:
                         job.error = exc
             for item in items:
+                if isinstance(item.job, Job) and item.job.error is None:
+                    item.encoded = self._encoders.submit(self.processor.encode, item.job)
                 self._finished.put(item)
         self._finished.put(_END)
 
@@ -141,11 +162,79 @@ class StageRunner:
         while (item := self._finished.get()) is not _END:
             job = item.job
             if isinstance(job, BaseException):
-                self._fatal(item, job)
+                self._escaped(item, job)
                 continue
             try:
+                if item.encoded is not None:
+                    item.encoded.result()  # in submission order; an encoding error is on the job
                 result = job if isinstance(job, Result) else self.processor.finish(job)
             except BaseException as exc:  # noqa: BLE001
-                self._fatal(item, exc)
+                self._escaped(item, exc)
                 continue
             self._settle(item, result)
+
+
+def in_flight_for(processor: Processor, asked: int = 0) -> int:
+    """How many items a long-running mode keeps submitted at once: enough that the engine never waits on the
+    CPU stages (one being read, one in each queue, a GPU's group, one per encoder), or what was asked."""
+    return asked or 2 * max(2, processor.batch) + encode_threads() + 2
+
+
+class Window:
+    """A long-running driver's items in flight: at most `limit` submitted and not yet taken back, each with a tag
+    of the driver's (a path, a message) and, while in flight, the context `track()` gives (ops.in_flight: the
+    gauge and /healthz). Everything here runs on the driver's one thread."""
+
+    def __init__(self, runner: StageRunner, limit: int, *, track=None):
+        self.runner = runner
+        self.limit = max(1, limit)
+        self._track = track
+        self._open: list[tuple[object, object, Future, object]] = []  # (tag, src, future, tracking context)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def room(self) -> int:
+        return self.limit - len(self._open)
+
+    def tags(self) -> list:
+        return [tag for tag, _, _, _ in self._open]
+
+    def submit(self, src, tag=None) -> None:
+        context = self._track() if self._track is not None else None
+        if context is not None:
+            context.__enter__()
+        try:
+            future = self.runner.submit(src)
+        except BaseException:
+            if context is not None:
+                context.__exit__(None, None, None)
+            raise
+        self._open.append((tag, src, future, context))
+
+    def wait(self, timeout: float) -> None:
+        """Until some item is done, or `timeout` seconds."""
+        if self._open:
+            wait([f for _, _, f, _ in self._open], timeout=timeout, return_when=FIRST_COMPLETED)
+
+    def take(self, *, all: bool = False) -> list[tuple[object, Result]]:
+        """(tag, Result) of the items done (all of them, waiting, with `all`), in submission order. An exception
+        that escaped the Processor for an item is logged and becomes a "retry" result: the item is tried again
+        later, the driver goes on. KeyboardInterrupt/SystemExit are raised."""
+        done, still = [], []
+        for entry in self._open:
+            tag, src, future, context = entry
+            if not (all or future.done()):
+                still.append(entry)
+                continue
+            try:
+                result = future.result()
+            except Exception as exc:  # noqa: BLE001 - e.g. the failed place itself is not writable
+                log.error("could not settle %r", getattr(src, "rel", src), exc_info=exc)
+                result = Result(src, "retry", detail=f"{type(exc).__name__}: {exc}")
+            finally:
+                if context is not None:
+                    context.__exit__(None, None, None)
+            done.append((tag, result))
+        self._open = still
+        return done

@@ -25,6 +25,7 @@ class TransformOptions:
     webp_quality: int
     tile: int = 0  # 0: the engine's choice
     tile_batch: int = 0  # 0: the engine's choice
+    png_compression: str = "fast"  # codec.PNG_COMPRESSIONS
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ class Transform:
 
     def encode(self, image: codec.DecodedImage, frames: list, plan: Plan) -> bytes:
         image.frames = frames
-        return codec.encode(image, plan.fmt, jpeg_quality=self.opt.jpeg_quality, webp_quality=self.opt.webp_quality)
+        return codec.encode(image, plan.fmt, jpeg_quality=self.opt.jpeg_quality, webp_quality=self.opt.webp_quality,
+                            png_compression=self.opt.png_compression)
 
     def __call__(self, data: bytes) -> tuple[bytes, Plan]:
         """The whole transform, one phase after the other."""
