@@ -4,7 +4,7 @@ takes their results; the Processor's phases run overlapped on their own threads.
     submit(src) -> [incoming, queue_max] -> reader: prepare -> [depth] -> engine: run_engine_many
                 -> encoders (a small pool): encode -> [depth] -> writer: finish (publish, ledger) -> the Future
 
-Queues are bounded: memory holds at most about 2*depth+3 decoded items plus the encoders' (and a GPU's group),
+Queues are bounded: memory holds at most about 2*depth+3 decoded items plus the encoders' (a GPU: 3 groups),
 whatever the number submitted (backpressure: `submit` blocks, or raises `Full` when asked not to). One reader,
 one engine thread and one writer keep results in submission order and the engine on one thread (CUDA contexts
 and OpenCV's thread pool like one caller); encoding, the one CPU stage that grows with the output, runs on a few
@@ -55,7 +55,7 @@ class StageRunner:
         self.processor = processor
         self._incoming: queue.Queue = queue.Queue(maxsize=queue_max or depth)
         self._prepared: queue.Queue = queue.Queue(maxsize=max(depth, processor.batch))  # room for a GPU's group
-        self._finished: queue.Queue = queue.Queue(maxsize=depth)
+        self._finished: queue.Queue = queue.Queue(maxsize=max(depth, processor.batch))  # a group is put at once
         self._encoders = ThreadPoolExecutor(encoders or encode_threads(), thread_name_prefix="superres-encode")
         self._lock = threading.Lock()
         self._pending = 0  # submitted, result not yet set
@@ -176,8 +176,9 @@ class StageRunner:
 
 def in_flight_for(processor: Processor, asked: int = 0) -> int:
     """How many items a long-running mode keeps submitted at once: enough that the engine never waits on the
-    CPU stages (one being read, one in each queue, a GPU's group, one per encoder), or what was asked."""
-    return asked or 2 * max(2, processor.batch) + encode_threads() + 2
+    CPU stages (one being read, a group ready, one in the engine, one done, one per encoder, one being
+    published), or what was asked."""
+    return asked or 3 * max(2, processor.batch) + encode_threads() + 2
 
 
 class Window:
