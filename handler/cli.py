@@ -124,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz on this port (0: off; default 9100)")
     wk.add_argument("--idle-exit-s", type=float, default=None, help="stop after this long with an empty queue")
 
+    eq = sub.add_parser("enqueue", parents=[common], help="a backfill: one S3 event message per image under an S3 "
+                                                           "prefix, for the workers (superres worker) to upscale")
+    eq.add_argument("source", metavar="s3://BUCKET/PREFIX/", help="the objects to process (listed, paginated)")
+    eq.add_argument("--queue", dest="queue_url", help="the workers' SQS queue URL (SUPERRES_QUEUE_URL)")
+    eq.add_argument("--outbox", help="the workers' outbox: objects in it (and its failed place) are left out")
+    eq.add_argument("--s3-endpoint-url", help="S3/SQS endpoint (moto, MinIO); default AWS")
+
     m = sub.add_parser("models", parents=[common], help="the model catalog")
     msub = m.add_subparsers(dest="models_command", required=True)
     for name, text in (("list", "list catalog models and whether their files are present"),
@@ -173,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             from handler.worker import run_worker
 
             return run_worker(settings, max_messages=args.max_messages, idle_exit_s=args.idle_exit_s)
+        if args.command == "enqueue":
+            from handler.enqueue import run_enqueue
+
+            return run_enqueue(settings, args.source)
         if args.command == "models":
             return run_models(settings, args)
         if args.command == "info":
