@@ -75,9 +75,10 @@ def _spec(
         input_kind="bgr" if algorithm == "edsr" else "y",
         context_px=context_px,
         macs_per_pixel=macs_per_pixel,
-        # torch's oneDNN convs beat cv2.dnn 1.3-2.2x on the small, shallow FSRCNN/ESPCN graphs; cv2.dnn wins on
-        # LapSRN and EDSR-shaped graphs (docs/benchmarks.md). Used only where torch is installed.
-        fastest_cpu_engine="torch" if algorithm in ("fsrcnn", "espcn") else "opencv",
+        # end to end (whole `superres upscale` processes, docs/benchmarks.md): onnxruntime runs the small luma
+        # graphs 1.5-2x faster than cv2.dnn and torch loses its engine lead to a second of import; on EDSR-shaped
+        # graphs (wide 3x3 convs, near the CPU's peak either way) cv2.dnn is as fast and starts sooner
+        fastest_cpu_engine="opencv" if algorithm == "edsr" else "onnxruntime",
     )
 
 

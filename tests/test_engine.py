@@ -125,3 +125,94 @@ def test_auto_on_a_cpu_takes_the_models_fastest_installed_engine(engine, device,
 def test_cuda_without_a_usable_gpu_is_an_error_never_a_cpu_run(engine, device, hw, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
         choose_engine(engine, device, hw)
+
+
+# ---- onnxruntime in the selection rules ---------------------------------------------------------------------
+
+from models.engines.base import CPU_START_UP_S, expected_cpu_seconds  # noqa: E402
+
+ORT_CPU = Hardware(opencv_cuda=False, torch_installed=False, torch_cuda=False, onnxruntime_installed=True)
+ORT_AND_TORCH_CPU = Hardware(opencv_cuda=False, torch_installed=True, torch_cuda=False, onnxruntime_installed=True)
+ORT_CUDA = Hardware(opencv_cuda=False, torch_installed=False, torch_cuda=False, onnxruntime_installed=True,
+                    onnxruntime_cuda=True, gpu_present=True)
+ALL_CUDA = Hardware(opencv_cuda=False, torch_installed=True, torch_cuda=True, onnxruntime_installed=True,
+                    onnxruntime_cuda=True, gpu_present=True)
+GPU_UNUSABLE = Hardware(opencv_cuda=False, torch_installed=False, torch_cuda=False, onnxruntime_installed=True,
+                        gpu_present=True)  # a driver, but the CPU wheels
+
+
+@pytest.mark.parametrize(
+    "engine, device, hw, expect",
+    [
+        ("onnxruntime", "auto", ORT_CPU, ("onnxruntime", "cpu")),
+        ("onnxruntime", "auto", ORT_CUDA, ("onnxruntime", "cuda")),
+        ("onnxruntime", "cpu", ORT_CUDA, ("onnxruntime", "cpu")),
+        ("auto", "auto", ORT_CUDA, ("onnxruntime", "cuda")),  # no torch: onnxruntime is the GPU path
+        ("auto", "cuda", ORT_CUDA, ("onnxruntime", "cuda")),
+        ("auto", "auto", ALL_CUDA, ("torch", "cuda")),  # torch first on a GPU
+        ("onnxruntime", "cuda", ALL_CUDA, ("onnxruntime", "cuda")),
+        ("auto", "cpu", ALL_CUDA, ("onnxruntime", "cpu")),
+        ("auto", "auto", ORT_AND_TORCH_CPU, ("onnxruntime", "cpu")),
+    ],
+)
+def test_onnxruntime_choices(engine, device, hw, expect):
+    choice = choose_engine(engine, device, hw, fastest_on_cpu="onnxruntime")
+    assert (choice.engine, choice.device) == expect and choice.note == ""
+
+
+@pytest.mark.parametrize(
+    "engine, device, hw, words",
+    [
+        ("onnxruntime", "auto", NONE, "onnxruntime is not installed"),
+        ("onnxruntime", "cuda", ORT_CPU, "onnxruntime has no CUDA execution provider"),
+        ("auto", "cuda", ORT_CPU, "onnxruntime has no CUDA execution provider"),
+        ("auto", "cuda", GPU_UNUSABLE, "run with --device cpu"),
+        ("tensorrt", "auto", ORT_CUDA, "unknown engine"),
+    ],
+)
+def test_onnxruntime_on_cuda_without_its_provider_is_an_error(engine, device, hw, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        choose_engine(engine, device, hw, fastest_on_cpu="onnxruntime")
+
+
+def test_a_present_gpu_that_nothing_can_use_is_said_not_silently_skipped():
+    choice = choose_engine("auto", "auto", GPU_UNUSABLE, fastest_on_cpu="onnxruntime")
+    assert (choice.engine, choice.device) == ("onnxruntime", "cpu")
+    assert "GPU is present but not used" in choice.note and "onnxruntime-gpu" in choice.note
+    assert choose_engine("auto", "cpu", GPU_UNUSABLE).note == ""  # asked for the CPU: nothing to say
+
+
+def test_auto_weighs_start_up_against_speed_for_a_known_workload():
+    macs = CATALOG["fsrcnn-x4"].macs_per_pixel
+    # the workload where onnxruntime's dearer start-up is paid back by its faster convs
+    low, high = 0.0, 100.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        if expected_cpu_seconds("onnxruntime", mid, macs) < expected_cpu_seconds("opencv", mid, macs):
+            high = mid
+        else:
+            low = mid
+    even = high
+    assert 0 < even < 100 and CPU_START_UP_S["onnxruntime"] > CPU_START_UP_S["opencv"]
+
+    def pick(mpx):
+        return choose_engine("auto", "auto", ORT_CPU, fastest_on_cpu="onnxruntime", workload_mpx=mpx,
+                             macs_per_pixel=macs).engine
+
+    assert pick(even * 0.9) == "opencv" and pick(even * 1.1) == "onnxruntime"
+    assert pick(None) == "onnxruntime"  # open-ended (watch, worker, serve): speed only
+    assert choose_engine("onnxruntime", "auto", ORT_CPU, workload_mpx=0.001, macs_per_pixel=macs).engine == "onnxruntime"
+
+
+def test_the_catalogs_cpu_choices_for_the_benchmarked_runs():
+    """docs/benchmarks.md: one 64x64 image starts fastest on OpenCV; 60 small images (0.6 Mpx in) finish sooner on
+    onnxruntime; EDSR-shaped graphs run as fast on cv2.dnn, which starts sooner."""
+    fsrcnn, edsr = CATALOG["fsrcnn-x4"], CATALOG["edsr-x3"]
+
+    def pick(spec, mpx):
+        return choose_engine("auto", "auto", ORT_AND_TORCH_CPU, fastest_on_cpu=spec.fastest_cpu_engine,
+                             workload_mpx=mpx, macs_per_pixel=spec.macs_per_pixel).engine
+
+    assert pick(fsrcnn, 64 * 64 / 1e6) == "opencv"
+    assert pick(fsrcnn, 0.6) == "onnxruntime" and pick(fsrcnn, None) == "onnxruntime"
+    assert pick(edsr, None) == "opencv"
