@@ -1,4 +1,4 @@
-"""`superres` command line: upscale | watch | models list/pull/verify | info.
+"""`superres` command line: upscale | watch | worker | serve | models list/pull/verify | info.
 
 Every option is also a SUPERRES_* variable (see pipeline/settings.py). Exit codes: 0 all done, 1 some items
 failed (each recorded), 2 bad usage or configuration (one line, no traceback)."""
@@ -124,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz on this port (0: off; default 9100)")
     wk.add_argument("--idle-exit-s", type=float, default=None, help="stop after this long with an empty queue")
 
+    sv = sub.add_parser("serve", parents=[common, engine, pipeline],
+                        help="an HTTP API (POST /upscale, /v1/jobs) and an upload page on the same pipeline")
+    sv.add_argument("--host", help="address to bind (SUPERRES_HOST; default 127.0.0.1, the container 0.0.0.0)")
+    sv.add_argument("--port", type=int, help="port (SUPERRES_PORT; default 8080; 0: any free one)")
+    sv.add_argument("--outbox", "--out", dest="outbox", help="folder or s3://bucket/prefix/ for results and the ledger")
+    sv.add_argument("--api-token", help="bearer token required on every endpoint but /healthz (SUPERRES_API_TOKEN; "
+                                        "prefer the variable: a flag shows in `ps`)")
+    sv.add_argument("--cors-origins", help="comma-separated origins allowed by CORS, or * (default: no CORS)")
+    sv.add_argument("--queue-max", type=int, help="uploads waiting for the pipeline before 503 + Retry-After (16)")
+    sv.add_argument("--result-ttl-s", type=float, help="results are removed this long after they were made (3600)")
+
     eq = sub.add_parser("enqueue", parents=[common], help="a backfill: one S3 event message per image under an S3 "
                                                            "prefix, for the workers (superres worker) to upscale")
     eq.add_argument("source", metavar="s3://BUCKET/PREFIX/", help="the objects to process (listed, paginated)")
@@ -180,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             from handler.worker import run_worker
 
             return run_worker(settings, max_messages=args.max_messages, idle_exit_s=args.idle_exit_s)
+        if args.command == "serve":
+            from handler.serve import run_serve
+
+            return run_serve(settings)
         if args.command == "enqueue":
             from handler.enqueue import run_enqueue
 

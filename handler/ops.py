@@ -9,6 +9,10 @@ Metrics (the names as scraped):
   superres_engine_info{engine,device,model}         1, the labels say what runs
   superres_engine_healthy                           1; 0 once the process was told the engine is broken
                                                     (/healthz then answers 503 with the reason)
+`superres serve` adds (HttpMetrics), on its own port beside the API:
+  superres_http_requests_total{endpoint,status}     requests answered, by route (its template) and status code
+  superres_http_request_seconds{endpoint,status}    histogram: from the request's start to its response's end
+  superres_queue_pending                            items submitted and not settled yet (waiting or in work)
 """
 
 from __future__ import annotations
@@ -45,6 +49,28 @@ def log_result(result: Result, engine: dict[str, str]) -> None:
         "output": result.output or "", "detail": result.detail,
         **stages, "total_s": round(sum(seconds.values()), 4), **engine,
     }})
+
+
+# 5 ms (a status look-up) to 10 min (an upscale answered in the request, or a job's event stream)
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class HttpMetrics:
+    """Requests by endpoint and status, in the process's registry (serve makes it before the engine is loaded,
+    so the probes of the start are counted too; Ops joins the same registry once it is)."""
+
+    def __init__(self, registry: CollectorRegistry, pending=lambda: 0):
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.requests = Counter("superres_http_requests", "HTTP requests answered, by endpoint and status",
+                                ["endpoint", "status"], registry=registry)
+        self.seconds = Histogram("superres_http_request_seconds", "Seconds per HTTP request, by endpoint and status",
+                                 ["endpoint", "status"], buckets=HTTP_BUCKETS, registry=registry)
+        Gauge("superres_queue_pending", "Items submitted and not settled yet", registry=registry).set_function(pending)
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.seconds.labels(endpoint, str(status)).observe(seconds)
 
 
 class Ops:

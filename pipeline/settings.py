@@ -82,6 +82,15 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9100, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
 
+    # serve: the HTTP API and upload page on HOST:PORT (loopback unless told otherwise; the container says 0.0.0.0);
+    # /metrics and /healthz are served there too (metrics_port is not used)
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    api_token: str | None = None  # a bearer token required on every endpoint but /healthz (and the static page)
+    cors_origins: str = ""  # comma-separated origins allowed by CORS ("*": any); empty: no CORS headers
+    queue_max: int = Field(16, ge=1)  # uploads waiting for the pipeline; more are answered 503 + Retry-After
+    result_ttl_s: float = Field(3600.0, gt=0)  # results (and failure records) are removed this long after made
+
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
