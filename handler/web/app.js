@@ -127,7 +127,10 @@ async function showResult(job, file, ui) {
   download.textContent = `Download ${download.download}`;
   const slider = $(".slider", card);
   const frame = $(".compare-frame", card);
-  const move = () => { $(".before", card).style.clipPath = `inset(0 ${100 - slider.value}% 0 0)`; };
+  const move = () => {
+    $(".before", card).style.clipPath = `inset(0 ${100 - slider.value}% 0 0)`;
+    $(".divider", card).style.left = `${slider.value}%`;
+  };
   slider.addEventListener("input", move);
   move();
   // dragging on the picture moves the divider too
