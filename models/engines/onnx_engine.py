@@ -111,16 +111,13 @@ class OnnxRuntimeEngine(DnnSuperResIO):
         self._check_scale()
 
     def _open(self, onnxruntime, spec, model_file, options, providers, cache_dir, retry: bool = True):
-        if model_file_format(spec) == "onnx":
-            source = str(model_file)
-        else:
-            from models.onnx_export import cached_onnx
+        from models.onnx_export import cached_onnx
 
-            # the CUDA provider runs what it is given: fp16 arithmetic needs the fp16 graph; TensorRT takes the
-            # fp32 graph and builds fp16 kernels itself
-            first = providers[0] if isinstance(providers[0], str) else providers[0][0]
-            graph_precision = "fp16" if (self.precision == "fp16" and first == CUDA) else "fp32"
-            source = cached_onnx(spec, model_file, precision=graph_precision, cache_dir=cache_dir)
+        # the CUDA provider runs what it is given: fp16 arithmetic needs the fp16 graph (a `.pb` converted so);
+        # TensorRT takes the fp32 graph and builds fp16 kernels itself
+        first = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        half = self.precision == "fp16" and first == CUDA and model_file_format(spec) == "pb"
+        source = cached_onnx(spec, model_file, precision="fp16" if half else "fp32", cache_dir=cache_dir)
         try:
             return onnxruntime.InferenceSession(source, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
