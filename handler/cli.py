@@ -67,7 +67,7 @@ def _pipeline_options() -> argparse.ArgumentParser:
     g.add_argument("--jpeg-quality", type=int, help="JPEG quality (default: --quality)")
     g.add_argument("--webp-quality", type=int, help="WebP quality (default: --quality)")
     g.add_argument("--png-compression", choices=["fast", *map(str, range(10))],
-                   help="PNG: fast (default; the quickest) or a zlib level 0-9 (6: ~18%% smaller, ~5x slower)")
+                   help="PNG: fast (default; the quickest) or a zlib level 0-9 (6: ~18%% smaller, ~7x slower)")
     g.add_argument("--suffix", help="output names NAME{SUFFIX}.ext, e.g. --suffix _x3: photo_x3.png (default: none)")
     g.add_argument("--overwrite", action="store_const", const=True,
                    help="process again what the ledger says is already done, and publish over its output")

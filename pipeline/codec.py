@@ -428,8 +428,8 @@ def _to_pil(frame: np.ndarray) -> Image.Image:
 
 
 # PNG compression: "fast" is OpenCV's default (zlib level 1 with the run-length strategy), "0".."9" zlib's levels
-# with its default strategy. Measured on 3.7 Mpx of x2 photos (docs/benchmarks.md): fast 35 ms/Mpx at 1.45 bytes/px,
-# 1: 46 ms/Mpx 1.30 B/px, 6: 200 ms/Mpx 1.19 B/px, 9: 1000 ms/Mpx 1.17 B/px; 0 stores (3 B/px).
+# with its default strategy. Measured on 3.7 Mpx of x2 photos (bench/png_compression_bench.py): fast 27 ms/Mpx at
+# 1.45 bytes/px, 1: 46 ms/Mpx 1.30 B/px, 6: 200 ms/Mpx 1.19 B/px, 9: 1040 ms/Mpx 1.17 B/px; 0 stores (3 B/px).
 PNG_COMPRESSION_FAST = "fast"
 PNG_COMPRESSIONS = (PNG_COMPRESSION_FAST, *map(str, range(10)))
 

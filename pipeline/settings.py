@@ -57,8 +57,8 @@ class Settings(BaseSettings):
     format: Literal["keep", "png", "jpeg", "webp", "tiff"] = "keep"  # also jpg and tif (stored as jpeg, tiff)
     jpeg_quality: int = Field(95, ge=1, le=100)
     webp_quality: int = Field(95, ge=1, le=100)
-    # PNG: fast (OpenCV's level 1, run-length: the quickest, ~10 % larger than level 1) or a zlib level 0-9 (6 is
-    # ~5x slower for ~18 % smaller files, 9 ~30x slower for ~20 %; docs/benchmarks.md). Changes the output bytes,
+    # PNG: fast (OpenCV's level 1, run-length: the quickest, ~12 % larger than level 1) or a zlib level 0-9 (6 is
+    # ~7x slower for ~18 % smaller files, 9 ~40x slower for ~20 %; docs/benchmarks.md). Changes the output bytes,
     # so it is part of what "already done" means (pipeline/ledger.py)
     png_compression: Literal["fast", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9"] = "fast"
     quality: int | None = Field(None, ge=1, le=100)  # both of the above, unless one is given itself
