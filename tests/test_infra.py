@@ -394,8 +394,8 @@ def k8s_docs() -> list[dict]:
     return [doc for name in kustomization["resources"] for doc in yaml.safe_load_all((K8S / name).read_text()) if doc]
 
 
-def one(docs: list[dict], kind: str) -> dict:
-    (doc,) = [d for d in docs if d["kind"] == kind]
+def one(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
     return doc
 
 
@@ -522,7 +522,7 @@ def test_kubernetes_manifests_pass_the_bundled_kubernetes_schemas():
         for version in K8S_VERSIONS:
             kubernetes_validate.validate(doc, version, strict=True)  # strict: an unknown field is an error
         validated.add(doc["kind"])
-    assert {"Deployment", "ConfigMap", "ServiceAccount", "Namespace"} <= validated
+    assert {"Deployment", "ConfigMap", "ServiceAccount", "Namespace", "Service"} <= validated
 
 
 def test_keda_objects_match_the_crd_schema():
@@ -533,11 +533,11 @@ def test_keda_objects_match_the_crd_schema():
 
 def test_the_validators_catch_mistakes():
     docs = k8s_docs()
-    deployment = copy.deepcopy(one(docs, "Deployment"))
+    deployment = copy.deepcopy(one(docs, "Deployment", "superres-worker"))
     deployment["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["nmae"] = "typo"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSIONS[0], strict=True)
-    deployment = copy.deepcopy(one(docs, "Deployment"))
+    deployment = copy.deepcopy(one(docs, "Deployment", "superres-worker"))
     deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = "900"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSIONS[0], strict=True)
@@ -561,7 +561,7 @@ def test_kubernetes_pieces_fit_together():
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert set(kustomization["resources"]) == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     docs = k8s_docs()
-    deployment, config = one(docs, "Deployment"), one(docs, "ConfigMap")
+    deployment, config = one(docs, "Deployment", "superres-worker"), one(docs, "ConfigMap", "superres-config")
     account, scaled, auth = one(docs, "ServiceAccount"), one(docs, "ScaledObject"), one(docs, "TriggerAuthentication")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -599,3 +599,33 @@ def test_kubernetes_pieces_fit_together():
     assert trigger["metadata"]["awsRegion"] == env["AWS_REGION"]
     assert auth["spec"]["podIdentity"] == {"provider": "aws", "identityOwner": "workload"}
     assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {kustomization["namespace"]}
+
+
+def test_the_serve_deployment_and_its_service_fit_together():
+    docs = k8s_docs()
+    deployment, service = one(docs, "Deployment", "superres-serve"), one(docs, "Service", "superres-serve")
+    config = one(docs, "ConfigMap", "superres-serve-config")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = config["data"]
+    assert container["args"] == ["serve"]
+    assert container["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
+    assert container["image"] == yaml.safe_load((K8S / "kustomization.yaml").read_text())["images"][0]["name"]
+    assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
+    # the token from a Secret, never from the ConfigMap
+    assert "SUPERRES_API_TOKEN" not in env
+    (token,) = [e for e in container["env"] if e["name"] == "SUPERRES_API_TOKEN"]
+    assert token["valueFrom"]["secretKeyRef"]["key"] == "token"
+    # the Service selects the pods and reaches the port serve binds, on every interface of the pod
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert deployment["spec"]["template"]["metadata"]["labels"].items() >= service["spec"]["selector"].items()
+    (port,) = container["ports"]
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["targetPort"] == port["name"] and port["containerPort"] == int(env["SUPERRES_PORT"])
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+    # the settings are the service's own, with values it accepts
+    assert settings_names(env) == set()
+    settings = settings_from(env)
+    assert settings.host == "0.0.0.0" and settings.device == "cuda" and settings.outbox.startswith("s3://")
+    assert pod["terminationGracePeriodSeconds"] >= 600  # the jobs in hand finish after SIGTERM
