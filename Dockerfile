@@ -13,10 +13,10 @@
 # Run as any user: --user "$(id -u):$(id -g)" (HOME and /work are writable by every UID).
 # Nothing downloads at run time: SUPERRES_MODEL_DIR is the baked folder, read-only for the runtime user.
 #
-# Modes (docker/entrypoint.sh): watch | worker | upscale | info | models ARGS -> `superres MODE ARGS`;
+# Modes (docker/entrypoint.sh): watch | worker | serve | upscale | info | models ARGS -> `superres MODE ARGS`;
 # lambda [HANDLER] -> awslambdaric on handler.lambda_function.handler; no arguments -> lambda inside AWS Lambda
 # (AWS_LAMBDA_RUNTIME_API set), else info. tini is PID 1: SIGTERM reaches Python in every mode (Python as PID 1
-# ignores SIGTERM unless it installed a handler, which only watch and worker do) and zombies are reaped.
+# ignores SIGTERM unless it installed a handler, which only watch, worker and serve do) and zombies are reaped.
 ARG PYTHON_IMAGE=python:3.11-slim
 # GPU base: nvidia/cuda *base* (CUDA env for the NVIDIA container toolkit, cuda-compat, no libraries), not
 # *runtime*/*cudnn-runtime* nor pytorch/pytorch: the PyPI torch wheels bring their own CUDA runtime, cuBLAS and
@@ -40,7 +40,7 @@ FROM gpu-base AS gpu
 ARG DEBIAN_FRONTEND=noninteractive
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH TINI_SUBREAPER=1 \
-    SUPERRES_MODEL_DIR=/opt/superres/models SUPERRES_METRICS_HOST=0.0.0.0 HOME=/home/superres
+    SUPERRES_MODEL_DIR=/opt/superres/models SUPERRES_METRICS_HOST=0.0.0.0 SUPERRES_HOST=0.0.0.0 HOME=/home/superres
 # tini (PID 1, see above), the runtime user, its work folder, and a venv: the same pip on every base.
 # /work and HOME are world-writable (sticky, as /tmp): `--user "$(id -u):$(id -g)"` runs as any UID, so outputs
 # on a mounted folder belong to the caller. apt's caches are removed in this layer (python:3.11-slim has none).
@@ -86,8 +86,10 @@ ENV SUPERRES_MODEL=${MODEL}
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/superres-entrypoint
 USER 10001:10001
 WORKDIR /work
-# watch and worker serve /healthz on SUPERRES_METRICS_PORT (default 9100), on every interface of the container
-# (SUPERRES_METRICS_HOST above: outside a container the default is loopback); the other modes have nothing to probe
+# watch and worker serve /healthz on SUPERRES_METRICS_PORT (default 9100), serve on its own port (SUPERRES_PORT or
+# --port, default 8080, beside its API), on every interface of the container (SUPERRES_METRICS_HOST and
+# SUPERRES_HOST above: outside a container the default is loopback); the other modes have nothing to probe
+EXPOSE 8080 9100
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 CMD ["/usr/local/bin/superres-entrypoint", "healthcheck"]
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/superres-entrypoint"]
 CMD []
@@ -97,7 +99,7 @@ FROM ${PYTHON_IMAGE} AS cpu
 ARG DEBIAN_FRONTEND=noninteractive
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH TINI_SUBREAPER=1 \
-    SUPERRES_MODEL_DIR=/opt/superres/models SUPERRES_METRICS_HOST=0.0.0.0 HOME=/home/superres
+    SUPERRES_MODEL_DIR=/opt/superres/models SUPERRES_METRICS_HOST=0.0.0.0 SUPERRES_HOST=0.0.0.0 HOME=/home/superres
 # tini (PID 1, see above), the runtime user, its work folder, and a venv: the same pip on every base.
 # /work and HOME are world-writable (sticky, as /tmp): `--user "$(id -u):$(id -g)"` runs as any UID, so outputs
 # on a mounted folder belong to the caller. apt's caches are removed in this layer (python:3.11-slim has none).
@@ -143,8 +145,10 @@ ENV SUPERRES_MODEL=${MODEL}
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/superres-entrypoint
 USER 10001:10001
 WORKDIR /work
-# watch and worker serve /healthz on SUPERRES_METRICS_PORT (default 9100), on every interface of the container
-# (SUPERRES_METRICS_HOST above: outside a container the default is loopback); the other modes have nothing to probe
+# watch and worker serve /healthz on SUPERRES_METRICS_PORT (default 9100), serve on its own port (SUPERRES_PORT or
+# --port, default 8080, beside its API), on every interface of the container (SUPERRES_METRICS_HOST and
+# SUPERRES_HOST above: outside a container the default is loopback); the other modes have nothing to probe
+EXPOSE 8080 9100
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 CMD ["/usr/local/bin/superres-entrypoint", "healthcheck"]
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/superres-entrypoint"]
 CMD []

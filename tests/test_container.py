@@ -112,6 +112,17 @@ def test_gpu_target_installs_exactly_what_cpu_installs():
     assert any(r.startswith("awslambdaric") for e in cpu_extras for r in declared[e]), "the Lambda RIC is installed"
 
 
+def test_serve_binds_every_interface_in_the_container_and_is_probed_on_its_own_port():
+    _, stages = dockerfile_stages((REPO / "Dockerfile").read_text())
+    for name in INSTALL_STAGES:
+        env = " ".join(line for line in stages[name]["body"] if line.startswith("ENV "))
+        assert "SUPERRES_HOST=0.0.0.0" in env, name  # outside a container serve binds loopback only
+        assert any(line.startswith("EXPOSE ") and "8080" in line.split() for line in stages[name]["body"]), name
+    entrypoint = (REPO / "docker" / "entrypoint.sh").read_text()
+    assert re.search(r"^\s*watch \| worker \| serve \| upscale", entrypoint, re.MULTILINE)
+    assert "SUPERRES_PORT:-8080" in entrypoint
+
+
 # -- the engine and the image (one build per session) -----------------------------------------------------------
 
 def _cannot_run_engine() -> str | None:
@@ -287,6 +298,41 @@ def test_watch_takes_a_dropped_file_and_stops_cleanly(image, podman_env, tmp_pat
     leftovers = [p for p in data.rglob("*") if p.name.endswith((".tmp", ".part"))]
     assert not leftovers, f"half-written files: {leftovers}"
     assert sorted(p.name for p in (data / "outbox").iterdir() if p.is_file()) == ["butterfly.png"]
+
+
+@pytest.mark.slow
+def test_serve_answers_an_upload_passes_its_healthcheck_and_stops_cleanly(image, podman_env, tmp_path,
+                                                                         container_name):
+    data = tmp_path / "data"
+    (data / "served").mkdir(parents=True)
+    shutil.copy(LR / "birdx2.png", data / "bird.png")
+    _for_container_user(data)
+    podman(podman_env, "run", "--detach", "--name", container_name, "--network", "none",
+           "-v", f"{data}:/data", image, "serve", "--outbox", "/data/served")
+    _wait_for(lambda: "serving" in _logs(podman_env, container_name), 60, "the server to start",
+              lambda: _logs(podman_env, container_name))
+    logs = _logs(podman_env, container_name)
+    assert "url=http://0.0.0.0:8080/" in logs, logs  # the image binds every interface
+    health = podman(podman_env, "healthcheck", "run", container_name, check=False, timeout=60)
+    assert health.returncode == 0, f"healthcheck: {health.stdout}{health.stderr}\n{logs}"
+    # an upload from inside the container's own network (it has no other: --network none)
+    post = ("import urllib.request as u; d = open('/data/bird.png', 'rb').read(); b = 'xyz'; "
+            "body = ('--%s\\r\\nContent-Disposition: form-data; name=\"image\"; filename=\"b.png\"\\r\\n\\r\\n' % b)"
+            ".encode() + d + ('\\r\\n--%s--\\r\\n' % b).encode(); "
+            "r = u.urlopen(u.Request('http://127.0.0.1:8080/upscale', body, "
+            "{'Content-Type': 'multipart/form-data; boundary=' + b}), timeout=60); "
+            "open('/data/answer.png', 'wb').write(r.read()); print(r.status, r.headers['Content-Type'])")
+    answer = podman(podman_env, "exec", container_name, "python", "-c", post, timeout=90)
+    assert answer.stdout.split() == ["200", "image/png"], answer.stdout
+    lr = cv2.imread(str(LR / "birdx2.png"))
+    assert cv2.imread(str(data / "answer.png")).shape[:2] == (lr.shape[0] * SCALE, lr.shape[1] * SCALE)
+    started = time.monotonic()
+    podman(podman_env, "stop", "--time", "30", container_name, timeout=90)
+    took = time.monotonic() - started
+    state = json.loads(podman(podman_env, "inspect", "--format", "{{json .State}}", container_name).stdout)
+    logs = _logs(podman_env, container_name)
+    assert state["ExitCode"] == 0 and took < 25, f"exit {state['ExitCode']} after {took:.1f} s\n{logs}"
+    assert "stopped" in logs and "Traceback" not in logs, logs
 
 
 class RuntimeAPI:
