@@ -45,7 +45,7 @@ class Reply:
 class Served:
     """`superres serve` with the given settings (SUPERRES_* variables), started and waited for."""
 
-    def __init__(self, outbox: Path, log_path: Path, *, model: str = "fsrcnn-small-x2", env: dict | None = None,
+    def __init__(self, outbox: "Path | str", log_path: Path, *, model: str = "fsrcnn-small-x2", env: dict | None = None,
                  args: tuple = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

@@ -301,6 +301,27 @@ def test_16_concurrent_clients_all_get_their_own_correct_picture(server, tmp_pat
     assert threads < 40, threads
 
 
+def test_concurrent_uploads_share_engine_calls_on_a_batching_engine(tmp_path):
+    """On a GPU-like engine (bench/sim_engine.py: batches of 4 tiles, time per pixel, no CPU) the tiles of
+    concurrent requests go through the engine together: fewer calls than uploads, calls carrying several."""
+    log = tmp_path / "engine.calls"
+    served = Served(tmp_path / "out", tmp_path / "serve.log", env={
+        "SUPERRES_TEST_ENGINE": f"{Path(__file__).resolve().parents[1] / 'bench' / 'sim_engine.py'}:load",
+        "SIM_GPU_MS_PER_MPX": "20000", "SIM_GPU_BATCH": "4", "SIM_GPU_LOG": str(log)}).wait_ready()
+    try:
+        inputs = distinct_images(tmp_path / "in", 16, side=64)
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(lambda p: served.post_image("/upscale", p.read_bytes()), inputs))
+        for reply in replies:
+            assert reply.status == 200, reply
+            assert cv2.imdecode(np.frombuffer(reply.body, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (128, 128)
+    finally:
+        assert served.stop() == 0
+    pixels = [int(line.split()[2]) for line in log.read_text().splitlines()]
+    assert sum(pixels) == 16 * 64 * 64  # every tile once (each 64 px image is one tile)
+    assert len(pixels) < 16 and max(pixels) >= 2 * 64 * 64, pixels
+
+
 # -- the token, CORS ------------------------------------------------------------------------------------------------------
 
 def test_the_token_is_asked_everywhere_but_healthz_and_cors_only_when_configured(tmp_path, server):
@@ -357,6 +378,32 @@ def test_a_restart_answers_the_same_upload_from_the_ledger_without_a_second_upsc
         assert second.stop() == 0
     stats = SQLiteLedger(outbox / ".superres" / "ledger.sqlite3").stats()
     assert stats["engine_runs"] == 1 and stats["max_engine_runs"] == 1, stats
+
+
+def test_an_s3_outbox_holds_results_and_ledger_and_answers_a_restart(aws, tmp_path):
+    from moto_server import aws_env, keys
+
+    s3, _, endpoint = aws
+    data = (DATASETS / "Set5" / "LR_bicubic" / "X2" / "birdx2.png").read_bytes()
+    env = aws_env(endpoint)
+    answers = []
+    for run in ("one", "two"):
+        served = Served("s3://outbox/served/", tmp_path / f"{run}.log", env=env).wait_ready()
+        try:
+            reply = served.post_image("/upscale", data)
+            assert reply.status == 200 and reply.headers["content-type"] == "image/png", reply
+            answers.append(reply.body)
+            bad = served.post_image("/upscale", b"<html>not an image</html>")
+            assert bad.status == 422 and bad.json()["error"] == "not_an_image", bad
+            m = served.metrics()
+        finally:
+            assert served.stop() == 0
+    assert answers[0] == answers[1]
+    assert m[("superres_items_total", frozenset({("outcome", "done")}))] == 0  # the second run: from the ledger
+    outputs = keys(s3, "outbox", "served/")
+    assert len(outputs) == 1 and outputs.pop().endswith(".png")
+    assert keys(s3, "outbox", ".superres/ledger/served/")  # the ledger beside the outputs, not among them
+    assert any(k.endswith(".error.json") for k in keys(s3, "outbox", "served.failed/"))
 
 
 def test_results_are_removed_after_their_time(tmp_path):
