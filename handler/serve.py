@@ -204,6 +204,8 @@ class Service:
         self.stopping = False
         self.exit_code = 0
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.bound_port = 0
+        self.engine_broken = False  # the engine failed on a valid input: /healthz 503, stop, exit 3
         self.server = None  # the uvicorn Server: asked to exit when loading fails or the engine breaks
         self._loader: threading.Thread | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -248,8 +250,6 @@ class Service:
             "url": f"http://{self.settings.host}:{self.bound_port}/", "outbox": self.settings.outbox,
             "model": self.processor.spec.name, "engine": self.processor.engine.name,
             "device": self.processor.engine.device, "queue_max": self.settings.queue_max}})
-
-    bound_port = 0
 
     def _give_up(self, code: int) -> None:
         self.exit_code = code
@@ -394,7 +394,8 @@ class Service:
                 return
         self.ops.record(result)
         await self._settle_result(job, result)
-        if self.processor.engine_failure and self.ops._engine_failure is None:
+        if self.processor.engine_failure and not self.engine_broken:
+            self.engine_broken = True
             self.ops.engine_failed(self.processor.engine_failure)
             self.begin_stop()
             self._give_up(3)  # give the work back: the orchestrator starts a healthy process
@@ -407,8 +408,9 @@ class Service:
             reason = await asyncio.to_thread(self._reason_of, job.id, result.output, detail)
             self._settle(job, "failed", output=result.output, reason=reason, from_ledger=outcome == "skipped")
         else:  # retry, lost-claim: a passing problem; the next request for it starts it again
+            wait = max(RETRY_AFTER_S, round(result.retry_after_s or 0))  # a busy claim: once its lease could end
             self._settle(job, "failed", reason={"stage": "pipeline", "error": "transient", "message": detail,
-                                                "retryable": True})
+                                                "retryable": True, "retry_after_s": wait})
 
     def _reason_of(self, jid: str, where: str | None, detail: str) -> dict:
         """The failure record's reason (what the failed place holds for this upload)."""
@@ -572,7 +574,8 @@ def failed_response(job: JobState):
     reason = dict(job.reason or {})
     if reason.get("retryable"):
         return problem_response(Problem(503, reason.get("stage") or "pipeline", reason.get("error") or "transient",
-                                        reason.get("message") or "try again", retry_after=RETRY_AFTER_S))
+                                        reason.get("message") or "try again",
+                                        retry_after=reason.get("retry_after_s") or RETRY_AFTER_S))
     status = STATUS_OF_ERROR.get(reason.get("error"), 422)
     from starlette.responses import JSONResponse
 
@@ -665,13 +668,15 @@ def build_app(service: Service):
     async def result_of(job: JobState):
         if job.status == "failed":
             return failed_response(job)
+        # named by the job, never by the upload: `curl -OJ` saves ID.ext
+        named = {"Content-Disposition": f'inline; filename="{job.id}{os.path.splitext(job.output)[1]}"'}
         if not is_s3_uri(job.output):
             if os.path.isfile(job.output):
-                return FileResponse(job.output, media_type=mime_of(job.output))
+                return FileResponse(job.output, media_type=mime_of(job.output), headers=named)
         else:
             data = await asyncio.to_thread(service.store.read, job.output)
             if data is not None:
-                return Response(data, media_type=mime_of(job.output))
+                return Response(data, media_type=mime_of(job.output), headers=named)
         service.jobs.pop(job.id, None)
         raise Problem(404, "result", "expired", f"the result of job {job.id} was removed (its time ran out); "
                       "upload the image again")

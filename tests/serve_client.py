@@ -77,7 +77,8 @@ class Served:
         raise AssertionError(f"serve not ready within {timeout_s} s:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,

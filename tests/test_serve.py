@@ -445,6 +445,21 @@ def test_sigterm_stops_taking_requests_finishes_the_jobs_in_hand_then_exits_0(tm
     assert "Traceback" not in served.log()
 
 
+def test_an_engine_failure_gives_the_upload_back_with_503_and_the_process_exits_3(tmp_path):
+    served = Served(tmp_path / "out", tmp_path / "serve.log", env={
+        "SUPERRES_TEST_ENGINE": f"{Path(__file__).resolve().parent / 'broken_engine.py'}:load"}).wait_ready()
+    data = (DATASETS / "Set5" / "LR_bicubic" / "X2" / "birdx2.png").read_bytes()
+    try:
+        reply = served.post_image("/upscale", data)
+        assert reply.status == 503 and reply.headers["retry-after"].isdigit(), reply
+        assert reply.json()["error"] == "transient" and "engine failed" in reply.json()["message"]
+        assert served.proc.wait(60) == 3  # the orchestrator starts a healthy one
+    finally:
+        served.kill()
+    assert not (tmp_path / "out.failed").exists()  # nothing filed as failed: the input was not at fault
+    assert "Traceback" not in served.log()
+
+
 def test_setup_mistakes_are_one_line_and_exit_2(tmp_path):
     import subprocess
 
