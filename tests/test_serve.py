@@ -23,6 +23,7 @@ MODEL = "fsrcnn-small-x2"
 # the same settings on both sides: `--engine auto` weighs a one-shot run's known size (a small one takes OpenCV for
 # its start-up) where serve, open-ended, takes the fastest; engines agree only to a level on a few pixels
 ENGINE = "opencv"
+DOUBLES = Path(__file__).resolve().parent / "engine_doubles.py"
 
 
 def oneshot(inputs: list[Path], out: Path, *args: str) -> Path:
@@ -58,11 +59,29 @@ def server(tmp_path_factory):
 
 # -- start, health, metrics -----------------------------------------------------------------------------------------
 
-def test_healthz_is_503_while_the_engine_loads_then_200(server):
-    assert server.first_health == 503  # the port answers before the engine is loaded
-    reply = server.request("GET", "/healthz")
-    assert reply.status == 200 and reply.json()["model"] == MODEL, reply
-    assert f"url=http://127.0.0.1:{server.port}/" in server.log()  # loopback unless told otherwise
+def test_healthz_is_503_while_the_engine_loads_then_200(tmp_path):
+    served = Served(tmp_path / "out", tmp_path / "serve.log", env={
+        "SUPERRES_TEST_ENGINE": f"{DOUBLES}:slow_start", "SLOW_START_S": "3"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the port answers at once, before the engine is loaded
+            try:
+                reply = served.request("GET", "/healthz", timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and served.proc.poll() is None, served.log()
+                time.sleep(0.05)
+        assert reply.status == 503 and reply.json()["status"] == "starting", reply
+        data = (DATASETS / "Set5" / "LR_bicubic" / "X4" / "birdx4.png").read_bytes()
+        early = served.post_image("/upscale", data)
+        assert early.status == 503 and early.headers["retry-after"].isdigit(), early
+        served.wait_ready()
+        reply = served.request("GET", "/healthz")
+        assert reply.status == 200 and reply.json()["model"] == MODEL, reply
+        assert served.post_image("/upscale", data).status == 200
+        assert f"url=http://127.0.0.1:{served.port}/" in served.log()  # loopback unless told otherwise
+    finally:
+        assert served.stop() == 0
 
 
 def test_the_page_and_its_static_files_are_served_from_the_package(server):
@@ -447,7 +466,7 @@ def test_sigterm_stops_taking_requests_finishes_the_jobs_in_hand_then_exits_0(tm
 
 def test_an_engine_failure_gives_the_upload_back_with_503_and_the_process_exits_3(tmp_path):
     served = Served(tmp_path / "out", tmp_path / "serve.log", env={
-        "SUPERRES_TEST_ENGINE": f"{Path(__file__).resolve().parent / 'broken_engine.py'}:load"}).wait_ready()
+        "SUPERRES_TEST_ENGINE": f"{DOUBLES}:broken"}).wait_ready()
     data = (DATASETS / "Set5" / "LR_bicubic" / "X2" / "birdx2.png").read_bytes()
     try:
         reply = served.post_image("/upscale", data)

@@ -1,5 +1,10 @@
-"""A test double for SUPERRES_TEST_ENGINE (handler/runtime.py): an engine that loads and then fails on every
-call, as a GPU does once it is lost. `load` is the hook's factory."""
+"""Engine doubles for SUPERRES_TEST_ENGINE=tests/engine_doubles.py:FACTORY (handler/runtime.py reads it; test-only):
+
+- `broken`: loads, then fails on every call, as a GPU does once it is lost;
+- `slow_start`: the real engine, after SLOW_START_S seconds (a big model's load or a CUDA start-up)."""
+
+import os
+import time
 
 
 class BrokenEngine:
@@ -26,8 +31,15 @@ class BrokenEngine:
         return [self.upscale(image) for image in images]
 
 
-def load(settings):
+def broken(settings):
     from models.catalog import get_model
 
     spec = get_model(settings.model)
     return BrokenEngine(spec), spec
+
+
+def slow_start(settings):
+    from models.engines import load_engine
+
+    time.sleep(float(os.environ.get("SLOW_START_S", "3")))
+    return load_engine(settings)
