@@ -319,9 +319,12 @@ class Service:
                 await asyncio.to_thread(self._expire, ttl)
             except Exception as exc:  # noqa: BLE001 - tidying up: tried again at the next round
                 log.warning("could not remove old results: %s", exc)
+            cutoff = time.time() - ttl
+            for jid in [j for j, job in self.jobs.items() if job.settled.is_set() and job.created < cutoff]:
+                del self.jobs[jid]
 
     def _expire(self, ttl: float) -> None:
-        """Results and failure records older than the TTL are removed; so are the jobs that made them."""
+        """Results and failure records older than the TTL are removed (a thread: listing may take a while)."""
         s = self.settings
         removed = 0
         for location in (s.outbox_folder(), s.failed_location()):
@@ -329,10 +332,6 @@ class Service:
                 if stored.age_s > ttl:
                     self.store.remove(stored.url)
                     removed += 1
-        cutoff = time.time() - ttl
-        for jid, job in list(self.jobs.items()):
-            if job.settled.is_set() and job.created < cutoff:
-                self.jobs.pop(jid, None)
         if removed:
             log.info("removed old results", extra={"fields": {"count": removed, "ttl_s": ttl}})
 
@@ -525,6 +524,8 @@ async def read_upload(request, max_bytes: int) -> bytes:
     parser = MultipartParser(boundary, {
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
         "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data})
+    from starlette.requests import ClientDisconnect
+
     seen = 0
     try:
         async for chunk in request.stream():
@@ -533,7 +534,7 @@ async def read_upload(request, max_bytes: int) -> bytes:
                 raise too_big
             parser.write(chunk)
         parser.finalize()
-    except Problem:
+    except (Problem, ClientDisconnect):
         raise
     except Exception as exc:  # noqa: BLE001 - python-multipart's parse errors: the client's body is malformed
         raise Problem(400, "request", "bad_multipart", f"the multipart body cannot be read: {exc}") from None
@@ -587,6 +588,7 @@ def build_app(service: Service):
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
+    from starlette.requests import ClientDisconnect
     from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
@@ -689,6 +691,10 @@ def build_app(service: Service):
         return JSONResponse({"stage": "request", "error": error, "message": exc.detail}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
+    async def on_gone(request, exc):
+        log.debug("the client left before its upload was read: %s %s", request.method, request.url.path)
+        return Response(status_code=400)  # nobody reads it; counted in the metrics as 400
+
     async def on_error(request, exc: Exception):
         log.error("unexpected error answering %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"stage": "internal", "error": "internal_error",
@@ -717,7 +723,8 @@ def build_app(service: Service):
         await service.stop()
 
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
-                     exception_handlers={Problem: on_problem, HTTPException: on_http, Exception: on_error})
+                     exception_handlers={Problem: on_problem, HTTPException: on_http, ClientDisconnect: on_gone,
+                                         Exception: on_error})
 
 
 class Guard:

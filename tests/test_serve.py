@@ -213,6 +213,19 @@ def test_the_bad_inputs_through_http_are_422_with_the_failed_records_reason(serv
     assert all(r["input"].startswith("upload:") for r in records)  # uploaded names are never paths
 
 
+def test_a_client_that_leaves_mid_upload_costs_nothing(server):
+    for path in ("/upscale", "/v1/jobs"):
+        for ctype in ("multipart/form-data; boundary=xyz", "image/png"):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+                         "Content-Length: 100000\r\n\r\n".encode() + b"--xyz\r\n" + b"\0" * 1000)
+            time.sleep(0.2)
+            sock.close()
+    time.sleep(0.5)
+    assert server.request("GET", "/healthz").status == 200
+    assert "Traceback" not in server.log() and "unexpected error" not in server.log()
+
+
 def test_unsupported_types_are_415(server):
     text = b"just some words\n"
     reply = server.post_image("/upscale", text, filename="notes.txt", content_type="text/plain")
