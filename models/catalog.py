@@ -75,10 +75,10 @@ def _spec(
         input_kind="bgr" if algorithm == "edsr" else "y",
         context_px=context_px,
         macs_per_pixel=macs_per_pixel,
-        # end to end (whole `superres upscale` processes, docs/benchmarks.md): onnxruntime runs the small luma
-        # graphs 1.5-2x faster than cv2.dnn and torch loses its engine lead to a second of import; on EDSR-shaped
-        # graphs (wide 3x3 convs, near the CPU's peak either way) cv2.dnn is as fast and starts sooner
-        fastest_cpu_engine="opencv" if algorithm == "edsr" else "onnxruntime",
+        # measured on 500x500 inputs (docs/benchmarks.md): onnxruntime 1.4-3.9x cv2.dnn on every family, EDSR-
+        # structured graphs included (2.3x at 64 channels, 1.5x at EDSR's 256); torch at most 1.6x, and its
+        # import costs a second. auto still takes OpenCV for one-shot runs too small to pay onnxruntime's start-up.
+        fastest_cpu_engine="onnxruntime",
     )
 
 
