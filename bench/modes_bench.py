@@ -93,9 +93,10 @@ def images(count: int, side: int) -> list[bytes]:
 
 def sim_env(args, log: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPERRES_")}
-    env.update(AWS, SUPERRES_MODEL=MODEL, SUPERRES_TEST_ENGINE=HOOK, SIM_GPU_MS_PER_MPX=str(args.ms_per_mpx),
-               SIM_GPU_BATCH=str(args.batch), SIM_GPU_LOG=str(log), SUPERRES_METRICS_PORT="0",
-               SUPERRES_LOG_LEVEL="WARNING", **extra)
+    env.update(AWS)
+    env.update({"SUPERRES_MODEL": MODEL, "SUPERRES_TEST_ENGINE": HOOK, "SIM_GPU_MS_PER_MPX": str(args.ms_per_mpx),
+                "SIM_GPU_BATCH": str(args.batch), "SIM_GPU_LOG": str(log), "SUPERRES_METRICS_PORT": "0",
+                "SUPERRES_LOG_LEVEL": "WARNING", **extra})
     return env
 
 

@@ -26,7 +26,14 @@ sys.path.insert(0, str(REPO))
 from modes_bench import BIN, Moto, event_body, images, sim_env, wait_for  # noqa: E402
 
 
-def run(args, moto: Moto, n: int, data: list[bytes], tmp: Path) -> float:
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process so far (/proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(args, moto: Moto, n: int, data: list[bytes], tmp: Path) -> tuple[float, float, float]:
+    """Seconds for the lot, and the CPU seconds the workers and moto spent meanwhile."""
     moto.reset()
     queue = moto.sqs.create_queue(QueueName="jobs", Attributes={"VisibilityTimeout": "60"})["QueueUrl"]
     keys = [f"drop/p{i:05d}.png" for i in range(len(data))]
@@ -46,17 +53,20 @@ def run(args, moto: Moto, n: int, data: list[bytes], tmp: Path) -> float:
     try:
         wait_for(lambda: all("worker ready" in log.read_text() for log in logs), 300)
         start = time.perf_counter()
+        cpu0 = [cpu_s(p.pid) for p in procs], cpu_s(moto.proc.pid)
         for first in range(0, len(keys), 10):
             moto.sqs.send_message_batch(QueueUrl=queue, Entries=[
                 {"Id": str(i), "MessageBody": event_body(k)} for i, k in enumerate(keys[first:first + 10])])
         wait_for(lambda: moto.outputs("done/") >= len(keys), 900)
         seconds = time.perf_counter() - start
+        workers_cpu = sum(cpu_s(p.pid) for p in procs) - sum(cpu0[0])
+        moto_cpu = cpu_s(moto.proc.pid) - cpu0[1]
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
             proc.wait(timeout=120)
-    return seconds
+    return seconds, workers_cpu, moto_cpu
 
 
 def main() -> None:
@@ -69,13 +79,13 @@ def main() -> None:
     args = parser.parse_args()
     ns = [int(n) for n in args.ns.split(",")]
     moto = Moto()
-    rates: dict[int, tuple[int, float]] = {}
+    rates: dict[int, tuple[int, float, float, float]] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for n in ns:
                 count = n * args.per_worker
-                seconds = run(args, moto, n, images(count, args.side), Path(tmp))
-                rates[n] = (count, seconds)
+                seconds, workers_cpu, moto_cpu = run(args, moto, n, images(count, args.side), Path(tmp))
+                rates[n] = (count, seconds, workers_cpu, moto_cpu)
                 print(f"{n} worker(s): {count} items in {seconds:.2f} s", file=sys.stderr)
     finally:
         moto.close()
@@ -84,12 +94,15 @@ def main() -> None:
     print(f"{args.per_worker} messages per worker, {args.side}x{args.side} real PNG crops (BSD100), simulated GPU "
           f"{args.ms_per_item:g} ms an item (batch {args.batch}; one engine's ceiling {ideal:.2f} items/s), S3 ledger, "
           f"moto server, {os.cpu_count()} cores shared by all")
-    print("| workers | items | seconds | items/s | vs N x one worker | >= 0.9 |")
-    print("|---:|---:|---:|---:|---:|:---:|")
+    print("| workers | items | seconds | items/s | vs N x one worker | >= 0.9 | CPU ms an item: workers + moto | "
+          "cores busy (workers + moto) |")
+    print("|---:|---:|---:|---:|---:|:---:|---:|---:|")
     for n in ns:
-        count, seconds = rates[n]
+        count, seconds, workers_cpu, moto_cpu = rates[n]
         ratio = count / seconds / (n * one)
-        print(f"| {n} | {count} | {seconds:.2f} | {count / seconds:.2f} | {ratio:.2f} | {'yes' if ratio >= 0.9 else 'no'} |")
+        print(f"| {n} | {count} | {seconds:.2f} | {count / seconds:.2f} | {ratio:.2f} | {'yes' if ratio >= 0.9 else 'no'} "
+              f"| {workers_cpu / count * 1000:.0f} + {moto_cpu / count * 1000:.0f} | "
+              f"{(workers_cpu + moto_cpu) / seconds:.2f} |")
 
 
 if __name__ == "__main__":

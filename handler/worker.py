@@ -111,10 +111,10 @@ def run_worker(settings, *, max_messages: int | None = None, idle_exit_s: float 
 
     def settle(done) -> None:
         nonlocal handled
-        for message, outcome in done:
+        for message, _ in done:
             heartbeat.let_go(message)
-            settle_message(sqs, settings, processor, message, outcome)
-            handled += 1
+        settle_messages(sqs, settings, processor, done, stopping=stop.set)
+        handled += len(done)
 
     def taking() -> bool:
         return (not stop.set and not processor.engine_failure and in_flight.window.runner.failure is None
@@ -185,16 +185,27 @@ def retry_delay_s(settings, outcome, receives: int) -> int:
     return int(min(SQS_MAX_VISIBILITY_S, max(0, delay)))
 
 
-def settle_message(sqs, settings, processor, message: dict, outcome) -> None:
-    """Every object of the message has its result: delete it, or defer it for the retry its outcome asks."""
-    receipt = message["ReceiptHandle"]
-    try:
-        if outcome.retry:
-            receives = int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
-            delay = 0 if processor.engine_failure else retry_delay_s(settings, outcome, receives)
+def settle_messages(sqs, settings, processor, done: list, *, stopping: bool = False) -> None:
+    """Every object of these messages has its result: delete them (DeleteMessageBatch, ten at a time: messages
+    are often done together, the engine runs several at once), or defer each for the retry its outcome asks (at
+    once, for another worker, when this one is stopping or its engine failed)."""
+    finished = [message for message, outcome in done if not outcome.retry]
+    for start in range(0, len(finished), 10):
+        chunk = finished[start:start + 10]
+        try:
+            answer = call("delete_message_batch", sqs.delete_message_batch, QueueUrl=settings.queue_url,
+                          Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(chunk)])
+            for failed in answer.get("Failed", []):
+                log.warning("could not delete a message: %s", failed.get("Message") or failed.get("Code"))
+        except Exception as exc:  # noqa: BLE001 - they come back after their visibility; settled items are skipped
+            log.warning("could not delete %d message(s): %s", len(chunk), describe(exc))
+    for message, outcome in done:
+        if not outcome.retry:
+            continue
+        receives = int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
+        delay = 0 if processor.engine_failure or stopping else retry_delay_s(settings, outcome, receives)
+        try:
             call("change_message_visibility", sqs.change_message_visibility, QueueUrl=settings.queue_url,
-                 ReceiptHandle=receipt, VisibilityTimeout=delay)
-        else:
-            call("delete_message", sqs.delete_message, QueueUrl=settings.queue_url, ReceiptHandle=receipt)
-    except Exception as exc:  # noqa: BLE001 - the message comes back after its visibility; settled items are skipped
-        log.warning("could not %s a message: %s", "defer" if outcome.retry else "delete", describe(exc))
+                 ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=delay)
+        except Exception as exc:  # noqa: BLE001 - the message comes back after its visibility anyway
+            log.warning("could not defer a message: %s", describe(exc))
