@@ -186,3 +186,25 @@ def test_the_worker_settles_a_message_only_when_all_its_objects_are_done(aws, qu
     assert outputs(s3, "failed/") == {"failed/multi/bad.png", "failed/multi/bad.png.error.json"}
     attrs = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
     assert attrs["ApproximateNumberOfMessages"] == "0" and attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
+
+
+def test_the_heartbeat_keeps_every_message_in_hand_invisible(aws, queue, tmp_path):
+    """Six messages taken at once, each object 3 s on the engine, one at a time: the last is done ~18 s after it
+    was received, past its 10 s visibility. The one heartbeat renews every message in hand, so none comes back
+    while in work: each object is settled once, and the engine ran six times."""
+    s3, sqs, endpoint = aws
+    send_events(sqs, queue, put_images(s3, "slow/")[:6])
+    log = tmp_path / "slow.engine"
+    env = sim_env(log, **aws_env(endpoint), SUPERRES_HEARTBEAT_S="2")
+    env.update(SIM_GPU_MS_PER_MPX=str(3000 / (SIDE * SIDE / 1e6)), SIM_GPU_BATCH="1")
+    proc = subprocess.run([*superres_cmd(), "worker", "--queue", queue, "--outbox", "s3://outbox/done/",
+                           "--batch-size", "10", "--visibility-s", "10", "--wait-s", "1", "--idle-exit-s", "3",
+                           "--log-format", "json"], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    items = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    outcomes = [line["outcome"] for line in items if line.get("message") == "item"]
+    assert outcomes == ["done"] * 6  # no second delivery: nothing skipped, nothing busy
+    assert len(read_log(log)) == 6
+    assert len(outputs(s3, "done/slow/")) == 6
+    attrs = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
+    assert attrs["ApproximateNumberOfMessages"] == "0" and attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
