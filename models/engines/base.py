@@ -72,7 +72,7 @@ _NO_CUDA = {
               "cv2.cuda.getCudaEnabledDeviceCount() is 0)",
     "torch": "torch.cuda.is_available() is False (no usable NVIDIA GPU or driver)",
     "onnxruntime": "onnxruntime has no CUDA execution provider here (the CPU wheel 'onnxruntime', or no NVIDIA "
-                   "driver; the GPU image installs 'onnxruntime-gpu')",
+                   "driver; for CUDA, install 'onnxruntime-gpu' in its place)",
 }
 
 

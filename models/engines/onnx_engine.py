@@ -69,7 +69,7 @@ def provider_list(device: str, precision: str, providers: list[str], cache_dir: 
         chosen.append((CUDA, {"cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": True}))
     if not chosen:
         raise ConfigError("--device cuda: this onnxruntime has no CUDA or TensorRT execution provider (it is the CPU "
-                          "wheel 'onnxruntime'; the GPU image installs 'onnxruntime-gpu'); run with --device cpu")
+                          "wheel 'onnxruntime'; for CUDA, install 'onnxruntime-gpu' in its place); run with --device cpu")
     return chosen
 
 
