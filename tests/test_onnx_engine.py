@@ -218,7 +218,8 @@ def test_gpu_providers_tensorrt_first_with_fp16_and_an_engine_cache(tmp_path):
     trt = both[0][1]
     assert trt["trt_fp16_enable"] is True and trt["trt_engine_cache_enable"] is True
     assert trt["trt_engine_cache_path"] == str(tmp_path / "tensorrt")
-    assert trt["trt_profile_max_shapes"].startswith("input:4x3x")
+    assert trt["trt_profile_max_shapes"].startswith("input:16x3x")  # room for a --tile-batch above the default
+    assert trt["trt_profile_opt_shapes"].startswith("input:4x3x")
     assert provider_list("cuda", "fp32", [TENSORRT, CUDA, CPU], tmp_path, 1, 1)[0][1]["trt_fp16_enable"] is False
     assert [name for name, _ in provider_list("cuda", "fp16", [CUDA, CPU], tmp_path, 1, 4)] == [CUDA]
     assert provider_list("cpu", "fp32", [TENSORRT, CUDA, CPU], tmp_path, 1, 1) == [CPU]

@@ -28,6 +28,7 @@ log = logging.getLogger("superres.engine")
 CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 GPU_PROVIDERS = (TENSORRT, CUDA)
 TRT_MAX_SIDE = 1280  # input px: the largest tile (with overlap) TensorRT's profile covers without a rebuild
+TRT_MAX_BATCH = 16  # tiles per call the profile covers (--tile-batch above the engine's default included)
 PRECISIONS = ("fp32", "fp16")
 
 
@@ -63,7 +64,7 @@ def provider_list(device: str, precision: str, providers: list[str], cache_dir: 
             "trt_timing_cache_path": str(cache_dir / "tensorrt"),
             "trt_profile_min_shapes": f"input:1x{in_channels}x1x1",
             "trt_profile_opt_shapes": f"input:{batch}x{in_channels}x320x320",
-            "trt_profile_max_shapes": f"input:{batch}x{in_channels}x{side}x{side}",
+            "trt_profile_max_shapes": f"input:{max(batch, TRT_MAX_BATCH)}x{in_channels}x{side}x{side}",
         }))
     if CUDA in providers:
         chosen.append((CUDA, {"cudnn_conv_algo_search": "EXHAUSTIVE", "do_copy_in_default_stream": True}))
@@ -101,6 +102,11 @@ class OnnxRuntimeEngine(DnnSuperResIO):
         options.inter_op_num_threads = 1
         # spinning workers would burn the cores the decode/encode stages need between two runs
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if any(not isinstance(p, str) and p[0] == TENSORRT for p in providers):
+            try:  # where TensorRT keeps its engines; unwritable only costs a rebuild at each start
+                (cache_dir / "tensorrt").mkdir(parents=True, exist_ok=True)
+            except OSError:
+                log.warning("TensorRT engine cache not writable", extra={"fields": {"cache": str(cache_dir)}})
         self._session = self._open(onnxruntime, spec, model_file, options, providers, cache_dir)
         self.providers = self._session.get_providers()
         if device == "cuda" and not any(p in self.providers for p in GPU_PROVIDERS):
