@@ -4,9 +4,10 @@
 
 Rows (all on the same BSD100 LR images, read from ../shared/datasets):
 - seed: cv2.dnn_superres DnnSuperResImpl, one image at a time, inputs capped at 500 px (they are smaller here)
-- engine whole: our OpenCV engine on each whole image (no tiles)
+- engine whole: our OpenCV engine on each whole image (no tiles); the same for the onnxruntime engine
 - engine tiled: our engine through the tile planner (default tile, the model's context as overlap)
-- pipeline: `superres upscale` in-process: read, sha256, ledger, decode, tiles, engine, PNG encode, atomic publish
+- pipeline: `superres upscale` in-process (the default engine: auto): read, sha256, ledger, decode, tiles, engine,
+  PNG encode, atomic publish
 Output Mpx/s counts output pixels; "vs engine" is the row's speed over the bare whole-image engine's.
 """
 
@@ -26,6 +27,7 @@ SHARED = REPO.parent / "shared"
 
 from handler.cli import main as cli_main  # noqa: E402
 from models.catalog import get_model  # noqa: E402
+from models.engines.onnx_engine import OnnxRuntimeEngine  # noqa: E402
 from models.engines.opencv_engine import OpenCVEngine  # noqa: E402
 from pipeline.upscale import upscale_tiled  # noqa: E402
 
@@ -52,14 +54,18 @@ def main() -> None:
     seed.readModel(str(model_file))
     seed.setModel(spec.algorithm, spec.scale)
     engine = OpenCVEngine(spec, model_file)
+    onnx_engine = OnnxRuntimeEngine(spec, model_file, cache_dir=Path(tempfile.mkdtemp()))
     for warm in images[:3]:
-        seed.upsample(warm), engine.upscale(warm)
+        seed.upsample(warm), engine.upscale(warm), onnx_engine.upscale(warm)
 
     rows = {}
     rows["seed (dnn_superres, cap 500)"] = timed(lambda: [seed.upsample(i) for i in images])
     rows["engine whole image"] = timed(lambda: [engine.upscale(i) for i in images])
     rows[f"engine tiled ({args.tile})"] = timed(
         lambda: [upscale_tiled(i, engine, args.tile, spec.context_px) for i in images])
+    rows["onnxruntime whole image"] = timed(lambda: [onnx_engine.upscale(i) for i in images])
+    rows[f"onnxruntime tiled ({args.tile})"] = timed(
+        lambda: [upscale_tiled(i, onnx_engine, args.tile, spec.context_px) for i in images])
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in"
         src.mkdir()
