@@ -225,3 +225,34 @@ def test_gpu_providers_tensorrt_first_with_fp16_and_an_engine_cache(tmp_path):
     assert provider_list("cpu", "fp32", [TENSORRT, CUDA, CPU], tmp_path, 1, 1) == [CPU]
     with pytest.raises(ConfigError, match="onnxruntime-gpu"):
         provider_list("cuda", "fp16", [CPU], tmp_path, 1, 1)
+
+
+def test_upscale_with_onnxruntime_matches_opencv_through_the_whole_pipeline(tmp_path):
+    """Real processes, real files: alpha, 16-bit, gray and a tiled image come out of `superres upscale
+    --engine onnxruntime` within 1 level of `--engine opencv`."""
+    import subprocess
+
+    from conftest import DATASETS, cli_env, superres_cmd
+
+    src = tmp_path / "in"
+    src.mkdir()
+    photo = cv2.imread(str(DATASETS / "Set14" / "LR_bicubic" / "X2" / "baboonx2.png"))
+    alpha = np.dstack([photo[:60, :70], np.linspace(0, 255, 60 * 70).reshape(60, 70).astype(np.uint8)])
+    cv2.imwrite(str(src / "alpha.png"), alpha)
+    cv2.imwrite(str(src / "deep.png"), photo[:50, :40].astype(np.uint16) * 257)
+    cv2.imwrite(str(src / "gray.png"), cv2.cvtColor(photo[:45, :55], cv2.COLOR_BGR2GRAY))
+    cv2.imwrite(str(src / "tiled.png"), photo)  # tiles of 64: several, with overlap
+    outs = {}
+    for engine in ("opencv", "onnxruntime"):
+        done = subprocess.run(superres_cmd() + ["upscale", str(src), "--out", str(tmp_path / engine), "--engine", engine,
+                                                "--model", "espcn-x2", "--tile", "64", "-q"],
+                              env=cli_env(XDG_CACHE_HOME=str(tmp_path / "cache")), capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        outs[engine] = {p.name: cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in (tmp_path / engine).glob("*.png")}
+    assert sorted(outs["opencv"]) == sorted(outs["onnxruntime"]) == ["alpha.png", "deep.png", "gray.png", "tiled.png"]
+    for name, theirs in outs["opencv"].items():
+        ours = outs["onnxruntime"][name]
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, name
+        assert max_levels(ours, theirs) <= 1, name
+    assert outs["onnxruntime"]["alpha.png"].shape[2] == 4 and outs["onnxruntime"]["deep.png"].dtype == np.uint16
