@@ -34,7 +34,8 @@ def run(paths: list[Path], model: str, fmt: str, png: str, encoders: int, tmp: P
     s = load_settings(outbox=str(out), model=model, format=fmt, png_compression=png)
     spec = get_model(s.model)
     clients = _Clients(None)
-    processor = Processor(SimulatedGPU(spec, ms_per_mpx=1.0, batch=1), spec, Options.from_settings(s),
+    engine = SimulatedGPU(spec, ms_per_mpx=1.0, batch=1, interpolation=cv2.INTER_CUBIC)  # outputs like real ones
+    processor = Processor(engine, spec, Options.from_settings(s),
                           open_ledger(s.ledger_location(), 600, clients), open_place(s.outbox, clients),
                           open_place(s.failed_location(), clients))
     runner = StageRunner(processor, queue_max=8, encoders=encoders)
@@ -55,7 +56,8 @@ def run(paths: list[Path], model: str, fmt: str, png: str, encoders: int, tmp: P
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--images", type=int, default=40)
+    parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--side", type=int, default=256)
     parser.add_argument("--model", default="fsrcnn-x4")
     args = parser.parse_args()
@@ -70,14 +72,17 @@ def main() -> None:
         for fmt, png in (("png", "fast"), ("png", "6"), ("jpeg", "fast")):
             row = [f"{fmt.upper()}" + (f", compression {png}" if fmt == "png" else " q95")]
             for encoders in (1, 2, 4):
-                seconds, size = run(paths, args.model, fmt, png, encoders, tmp)
-                row.append(len(paths) / seconds)
+                best = float("inf")
+                for attempt in range(args.repeat):
+                    seconds, size = run(paths, args.model, fmt, png, encoders, tmp / str(attempt))
+                    best = min(best, seconds)
+                row.append(len(paths) / best)
             row.append(size / len(paths) / 1e6)
             rows.append(row)
             print(row, file=sys.stderr)
     out_side = args.side * int(args.model.rsplit("x", 1)[1])
-    print(f"{len(paths)} BSD100 crops {args.side}x{args.side} -> {out_side}x{out_side} outputs, simulated GPU at "
-          f"1 ms/Mpx (encoding is the slowest stage), {os.cpu_count()} cores")
+    print(f"{len(paths)} BSD100 crops {args.side}x{args.side} -> {out_side}x{out_side} outputs (cubic), simulated GPU "
+          f"at 1 ms/Mpx (encoding is the slowest stage), best of {args.repeat}, {os.cpu_count()} cores")
     print("| output | items/s, 1 encoder | 2 encoders | 4 encoders | MB an output |")
     print("|---|---:|---:|---:|---:|")
     for name, one, two, four, mb in rows:

@@ -3,7 +3,8 @@ product engine.
 
 It takes a fixed time per input megapixel (plus a fixed time per call, a kernel launch's worth) while using no
 CPU (it sleeps, as a process waiting on a GPU does), returns an image of the right size (a nearest-neighbour
-resize: what it returns is not the point, that it is the right size and kind is), and batches like a GPU (its
+resize by default: what it returns is not the point, that it is the right size and kind is; cubic where the
+output's encoding is measured), and batches like a GPU (its
 default batch is several tiles). Every call is recorded as (start, end) so that a test or benchmark can say how
 busy the engine was: busy seconds / (last end - first start).
 
@@ -25,12 +26,13 @@ class SimulatedGPU:
     device = "sim"
 
     def __init__(self, spec, *, ms_per_mpx: float = 50.0, ms_per_call: float = 0.0, batch: int = 4,
-                 log_path: str | None = None):
+                 log_path: str | None = None, interpolation: int = cv2.INTER_NEAREST):
         self.spec = spec
         self.scale = spec.scale
         self.s_per_px = ms_per_mpx / 1000 / 1e6
         self.s_per_call = ms_per_call / 1000
         self.batch = batch
+        self.interpolation = interpolation  # nearest: the least CPU; cubic: outputs that encode like real ones
         self.calls: list[tuple[float, float]] = []  # (start, end), time.time()
         self._lock = threading.Lock()  # a GPU runs one call at a time
         self._log = open(log_path, "a", buffering=1) if log_path else None
@@ -54,7 +56,7 @@ class SimulatedGPU:
             start = time.time()
             time.sleep(self.s_per_call + pixels * self.s_per_px)  # the GPU at work; the CPU is free
             outs = [cv2.resize(im, (im.shape[1] * self.scale, im.shape[0] * self.scale),
-                               interpolation=cv2.INTER_NEAREST) for im in images]
+                               interpolation=self.interpolation) for im in images]
             end = time.time()
             self.calls.append((start, end))
             if self._log is not None:
