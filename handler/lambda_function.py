@@ -5,8 +5,9 @@ SUPERRES_MODEL_DIR, …). The model is loaded here, at import: once per cold sta
 The whole batch goes through the stage runner (pipeline/stages.py), several objects in flight, so that the engine
 never waits on downloads, decoding, encoding or uploads. For SQS-triggered invocations the return value is the
 partial batch response: exactly the messages whose objects hit a transient error are reported, to be retried;
-bad inputs are recorded under the failed prefix and not retried. When the time left gets short (under twice the
-slowest item yet, and never under 5 s), the messages not yet started are reported for retry unprocessed."""
+bad inputs are recorded under the failed prefix and not retried. A message is started only while the time left
+covers twice the slowest item yet (never under 5 s) plus, at that item's time each, everything in flight and its
+own objects; the messages not started are reported for retry unprocessed."""
 
 import logging
 import os
@@ -57,14 +58,18 @@ def handler(event: dict, context) -> dict:
             while in_flight.room() <= 0:
                 settle(in_flight.take(wait_s=0.5))
             settle(in_flight.take())
+            sources = _runner.sources(message)
             remaining = context.get_remaining_time_in_millis() if context is not None else float("inf")
-            if remaining < max(MIN_RESERVE_MS, 2 * _slowest_ms) or _processor.engine_failure:
+            # what is in flight finishes before the handler returns: time for it and for this message's objects,
+            # each counted at the slowest item's whole time (a bound: the stages overlap)
+            need = max(MIN_RESERVE_MS, 2 * _slowest_ms) + _slowest_ms * (len(in_flight.window) + len(sources))
+            if remaining < need or _processor.engine_failure:
                 left = [m.message_id for m in messages[index:] if m.message_id]
                 log.warning("time is short: returning the rest for retry", extra={"fields": {
                     "remaining_ms": remaining, "messages": len(left)}})
                 failures.extend(left)
                 break
-            in_flight.add(index, _runner.sources(message))
+            in_flight.add(index, sources)
     finally:
         settle(in_flight.close())
     for index in sorted(outcomes):

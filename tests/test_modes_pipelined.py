@@ -208,3 +208,43 @@ def test_the_heartbeat_keeps_every_message_in_hand_invisible(aws, queue, tmp_pat
     assert len(outputs(s3, "done/slow/")) == 6
     attrs = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
     assert attrs["ApproximateNumberOfMessages"] == "0" and attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
+
+
+class Deadline:
+    """The one method of Lambda's context object the handler uses."""
+
+    def __init__(self, remaining_ms: float):
+        self.at = time.monotonic() + remaining_ms / 1000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int((self.at - time.monotonic()) * 1000)
+
+
+def test_lambda_starts_only_what_can_finish_in_the_time_left(aws, monkeypatch, tmp_path):
+    """Items of ~1 s: with 8 s left, a message is started only while the time left covers the reserve plus
+    everything in flight; the rest is reported for retry unstarted, and the handler returns in time."""
+    s3, _, _ = aws
+    keys = put_images(s3, "drop/")[:12]
+    records = [{"messageId": f"m{i}", "receiptHandle": f"r{i}", "eventSource": "aws:sqs",
+                "body": s3_event_body("inbox", key, 1, None)} for i, key in enumerate(keys)]
+    for key, value in {"SUPERRES_OUTBOX": "s3://outbox/done/", "SUPERRES_INBOX": "s3://inbox/drop/",
+                       "SUPERRES_TEST_ENGINE": HOOK, "SIM_GPU_MS_PER_MPX": str(1000 / (SIDE * SIDE / 1e6)),
+                       "SIM_GPU_BATCH": "1"}.items():
+        monkeypatch.setenv(key, value)
+    import importlib
+
+    sys.modules.pop("handler.lambda_function", None)
+    lam = importlib.import_module("handler.lambda_function")
+    try:
+        assert lam.handler({"Records": records[:2]}, Deadline(60_000)) == {"batchItemFailures": []}  # warm
+        context = Deadline(8_000)
+        answer = lam.handler({"Records": records[2:]}, context)
+        assert context.get_remaining_time_in_millis() > 3_000  # returned with time to spare
+        failed = {f["itemIdentifier"] for f in answer["batchItemFailures"]}
+        started = [r["messageId"] for r in records[2:] if r["messageId"] not in failed]
+        assert 1 <= len(started) <= 3, started
+        assert failed == {r["messageId"] for r in records[2 + len(started):]}  # the rest, in order, unstarted
+        assert outputs(s3, "done/") == {f"done/p{i:02d}.png" for i in range(2 + len(started))}
+    finally:
+        sys.modules.pop("handler.lambda_function", None)
+        lam._processor.close()
