@@ -75,17 +75,17 @@ class MessagesInFlight:
         self.window = window
         self.ops = ops
         self._settled: list[_InHand] = []  # messages with no work in them, or all of it done, not yet taken
-        self.tags: list = []  # of the messages in hand, in the order taken
+        self._in_hand = 0  # messages taken and not yet given back by `take`
 
     def __len__(self) -> int:
-        return len(self.tags)
+        return self._in_hand
 
     def room(self) -> int:
         return self.window.room()
 
     def add(self, tag, sources: list) -> None:
         hand = _InHand(tag, len(sources))
-        self.tags.append(tag)
+        self._in_hand += 1
         if not sources:
             self._settled.append(hand)
         for src in sources:
@@ -102,8 +102,7 @@ class MessagesInFlight:
             if hand.left == 0:
                 self._settled.append(hand)
         done, self._settled = self._settled, []
-        for hand in done:
-            self.tags.remove(hand.tag)
+        self._in_hand -= len(done)
         return [(hand.tag, hand.outcome) for hand in done]
 
     def close(self) -> list[tuple[object, MessageOutcome]]:
