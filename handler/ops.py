@@ -5,7 +5,8 @@ Metrics (the names as scraped):
   superres_items_total{outcome}                     items settled: done | duplicate | failed | skipped | retry | lost-claim
   superres_stage_seconds{stage}                     histogram: read | decode | upscale | encode | publish
   superres_engine_output_megapixels_per_second      the last upscaled item's output Mpx / its upscale seconds
-  superres_items_in_flight                          items being processed now (0 or 1: one processor, one lock)
+  superres_items_in_flight                          items submitted to the stage runner and not settled yet (up to
+                                                    SUPERRES_IN_FLIGHT in watch, worker and Lambda)
   superres_engine_info{engine,device,model}         1, the labels say what runs
   superres_engine_healthy                           1; 0 once the process was told the engine is broken
                                                     (/healthz then answers 503 with the reason)
