@@ -214,16 +214,6 @@ def _through_symlinked_folder(match: Path, base: Path) -> bool:
     return False
 
 
-def _workload_mpx(sources) -> float | None:
-    """The run's input megapixels for the engine choice (a small run favours a quick start); None with S3 inputs
-    (their headers are a request each: the run is taken as large)."""
-    from models.engines import workload_megapixels
-
-    if any(not isinstance(source, LocalFile) for source in sources):
-        return None
-    return workload_megapixels(source.path for source in sources)
-
-
 def run_upscale(settings, inputs: list[str]) -> int:
     if settings.outbox is None:
         raise ConfigError("give an output folder: --out DIR or s3://bucket/prefix/ (or SUPERRES_OUTBOX)")
@@ -231,7 +221,7 @@ def run_upscale(settings, inputs: list[str]) -> int:
                             exclude=[settings.outbox, settings.failed_location(), settings.processed or ""])
     item_filter = _filter_logs(settings)  # before the engine loads: its "engine ready" line is for -v
     try:
-        processor = open_processor(settings, "oneshot", workload_mpx=_workload_mpx(sources))
+        processor = open_processor(settings, "oneshot")
     except BaseException:
         _unfilter_logs(item_filter)
         raise

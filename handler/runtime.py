@@ -10,8 +10,7 @@ from pipeline.s3keys import is_s3_uri, parse_s3_uri
 from pipeline.settings import timing_problems
 
 
-def open_processor(settings, mode: str = "oneshot", *, max_receive_count: int | None = None,
-                   workload_mpx: float | None = None) -> Processor:
+def open_processor(settings, mode: str = "oneshot", *, max_receive_count: int | None = None) -> Processor:
     """Check the settings and the places, load the engine, then open the places and the ledger: a refused
     configuration (a bad device, impossible timings, an outbox that is a file, a missing bucket, no credentials,
     an endpoint that does not answer, a missing model) is one ConfigError and leaves nothing behind."""
@@ -35,7 +34,7 @@ def open_processor(settings, mode: str = "oneshot", *, max_receive_count: int | 
         raise ConfigError("; ".join(problems))
     check_places(settings, [("outbox", outbox_at, "folder"), ("failed place", failed, "folder"),
                             ("ledger", ledger_at, "prefix" if is_s3_uri(ledger_at) else "file")])
-    engine, spec = _engine(settings, workload_mpx)  # after the cheap checks above, before anything is created
+    engine, spec = _engine(settings)  # after the cheap checks above, before anything is created
     clients = _Clients(settings.s3_endpoint_url)
     outbox, failed_place = open_place(outbox_at, clients), open_place(failed, clients)
     ledger = open_ledger(ledger_at, settings.lease_s, clients)
@@ -56,10 +55,10 @@ def open_processor(settings, mode: str = "oneshot", *, max_receive_count: int | 
 TEST_ENGINE_HOOK = "SUPERRES_TEST_ENGINE"
 
 
-def _engine(settings, workload_mpx: float | None = None):
+def _engine(settings):
     hook = os.environ.get(TEST_ENGINE_HOOK)
     if not hook:
-        return load_engine(settings, workload_mpx=workload_mpx)
+        return load_engine(settings)
     import importlib.util
 
     path, _, factory = hook.rpartition(":")

@@ -129,7 +129,6 @@ def test_cuda_without_a_usable_gpu_is_an_error_never_a_cpu_run(engine, device, h
 
 # ---- onnxruntime in the selection rules ---------------------------------------------------------------------
 
-from models.engines.base import CPU_START_UP_S, expected_cpu_seconds  # noqa: E402
 
 ORT_CPU = Hardware(opencv_cuda=False, torch_installed=False, torch_cuda=False, onnxruntime_installed=True)
 ORT_AND_TORCH_CPU = Hardware(opencv_cuda=False, torch_installed=True, torch_cuda=False, onnxruntime_installed=True)
@@ -182,38 +181,11 @@ def test_a_present_gpu_that_nothing_can_use_is_said_not_silently_skipped():
     assert choose_engine("auto", "cpu", GPU_UNUSABLE).note == ""  # asked for the CPU: nothing to say
 
 
-def test_auto_weighs_start_up_against_speed_for_a_known_workload():
-    macs = CATALOG["fsrcnn-x4"].macs_per_pixel
-    # the workload where onnxruntime's dearer start-up is paid back by its faster convs
-    low, high = 0.0, 100.0
-    for _ in range(60):
-        mid = (low + high) / 2
-        if expected_cpu_seconds("onnxruntime", mid, macs) < expected_cpu_seconds("opencv", mid, macs):
-            high = mid
-        else:
-            low = mid
-    even = high
-    assert 0 < even < 100 and CPU_START_UP_S["onnxruntime"] > CPU_START_UP_S["opencv"]
-
-    def pick(mpx):
-        return choose_engine("auto", "auto", ORT_CPU, fastest_on_cpu="onnxruntime", workload_mpx=mpx,
-                             macs_per_pixel=macs).engine
-
-    assert pick(even * 0.9) == "opencv" and pick(even * 1.1) == "onnxruntime"
-    assert pick(None) == "onnxruntime"  # open-ended (watch, worker, serve): speed only
-    assert choose_engine("onnxruntime", "auto", ORT_CPU, workload_mpx=0.001, macs_per_pixel=macs).engine == "onnxruntime"
-
-
-def test_the_catalogs_cpu_choices_for_the_benchmarked_runs():
-    """docs/benchmarks.md: one 64x64 image starts fastest on OpenCV; 60 small images (0.6 Mpx in) finish sooner on
-    onnxruntime; EDSR's cost per pixel pays onnxruntime's start-up back on a few thousand pixels."""
-    fsrcnn, edsr = CATALOG["fsrcnn-x4"], CATALOG["edsr-x3"]
-
-    def pick(spec, mpx):
-        return choose_engine("auto", "auto", ORT_AND_TORCH_CPU, fastest_on_cpu=spec.fastest_cpu_engine,
-                             workload_mpx=mpx, macs_per_pixel=spec.macs_per_pixel).engine
-
-    assert pick(fsrcnn, 64 * 64 / 1e6) == "opencv"
-    assert pick(fsrcnn, 0.6) == "onnxruntime" and pick(fsrcnn, None) == "onnxruntime"
-    assert pick(edsr, None) == "onnxruntime" and pick(edsr, 64 * 64 / 1e6) == "onnxruntime"
-    assert pick(edsr, 25 / 1e6) == "opencv"  # a 5x5 image: start-up is all there is
+def test_the_catalogs_cpu_choices_do_not_depend_on_the_run():
+    """docs/benchmarks.md: onnxruntime is the fastest installed engine end to end on the catalog's graphs; torch is
+    never picked on a CPU. One choice per model and machine, whatever the mode or the size of the run: the engines
+    differ by a rounding level on a few pixels, and every mode must publish the same bytes for the same input."""
+    for spec in CATALOG.values():
+        pick = choose_engine("auto", "auto", ORT_AND_TORCH_CPU, fastest_on_cpu=spec.fastest_cpu_engine).engine
+        assert pick == "onnxruntime", spec.name
+        assert choose_engine("auto", "auto", NONE, fastest_on_cpu=spec.fastest_cpu_engine).engine == "opencv"

@@ -34,32 +34,13 @@ def probe_hardware(engine: str, device: str) -> Hardware:
                     gpu_present=driver)
 
 
-def workload_megapixels(paths, enough: float = 8.0) -> float:
-    """Input megapixels of a one-shot run, from the files' headers (no decode), summed until `enough` (past it
-    the engine choice no longer changes); an unreadable header counts nothing (the pipeline will say why)."""
-    from PIL import Image
-
-    total = 0.0
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                total += image.width * image.height / 1e6
-        except Exception:  # not an image, unreadable, gone: the pipeline reports it, the estimate skips it
-            continue
-        if total >= enough:
-            break
-    return total
-
-
-def load_engine(settings, *, workload_mpx: float | None = None) -> tuple[Engine, "object"]:
-    """Resolve the model, verify its file, and build the engine on the chosen device (ConfigError if impossible).
-    `workload_mpx`: the input megapixels of a one-shot run, when known (auto weighs start-up against speed)."""
+def load_engine(settings) -> tuple[Engine, "object"]:
+    """Resolve the model, verify its file, and build the engine on the chosen device (ConfigError if impossible)."""
     from models.files import default_model_dir, model_path, verify_file
 
     spec = get_model(settings.model)
     choice = choose_engine(settings.engine, settings.device, probe_hardware(settings.engine, settings.device),
-                           fastest_on_cpu=spec.fastest_cpu_engine, workload_mpx=workload_mpx,
-                           macs_per_pixel=spec.macs_per_pixel)
+                           fastest_on_cpu=spec.fastest_cpu_engine)
     if choice.note:
         log.warning(choice.note)
     path = model_path(spec, settings.model_dir or default_model_dir())

@@ -76,30 +76,16 @@ _NO_CUDA = {
 }
 
 
-# What auto weighs on a CPU, measured on the 2-core development machine (docs/benchmarks.md, "Engines"):
-# - the start-up an engine adds to a whole process beyond OpenCV's (its import, session, first run; cache warm);
-# - its speed on a model's convs relative to cv2.dnn, for the models whose measured winner it is (engine only);
-# - cv2.dnn's rate on the catalog's small convs (multiply-accumulates per second), to turn pixels into seconds.
-CPU_START_UP_S = {"opencv": 0.0, "onnxruntime": 0.09, "torch": 1.2}
-CPU_SPEED_VS_OPENCV = {"opencv": 1.0, "onnxruntime": 1.5, "torch": 1.3}
-OPENCV_CPU_MACS_PER_S = 15e9
-
-
-def expected_cpu_seconds(engine: str, workload_mpx: float, macs_per_pixel: int) -> float:
-    """Start-up plus engine time of `engine` on `workload_mpx` input megapixels: what a user waits for."""
-    engine_s = workload_mpx * 1e6 * macs_per_pixel / (OPENCV_CPU_MACS_PER_S * CPU_SPEED_VS_OPENCV[engine])
-    return CPU_START_UP_S[engine] + engine_s
-
-
-def choose_engine(engine: str, device: str, hw: Hardware, *, fastest_on_cpu: str | tuple[str, ...] = "opencv",
-                  workload_mpx: float | None = None, macs_per_pixel: int = 0) -> EngineChoice:
+def choose_engine(engine: str, device: str, hw: Hardware, *,
+                  fastest_on_cpu: str | tuple[str, ...] = "opencv") -> EngineChoice:
     """Pure selection rules. Never a silent CPU run: asking for cuda where nothing can use a GPU is a ConfigError,
     and auto on a machine with a GPU that no installed engine can use says why (`EngineChoice.note`).
 
     auto picks CUDA when a GPU is usable (`GPU_ORDER`). On a CPU it weighs what the user will wait for: the
     first installed engine of the model's measured order (`ModelSpec.fastest_cpu_engine`: one name or several,
-    fastest first), unless the run is known to be small (`workload_mpx`, input megapixels of a one-shot run;
-    None: open-ended, as watch, worker and serve are) and OpenCV's cheaper start-up makes it done sooner.
+    fastest first), measured end to end (docs/benchmarks.md). Never by the size of the run: the engines differ by
+    a rounding level on a few pixels, and the same input under the same settings must give the same bytes in every
+    mode (one-shot, watch, the worker, the server), as the ledger's idea of "already done" assumes.
     """
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}: use {', '.join(ENGINES[:-1])} or {ENGINES[-1]}")
@@ -122,8 +108,4 @@ def choose_engine(engine: str, device: str, hw: Hardware, *, fastest_on_cpu: str
         return EngineChoice(engine, "cpu", note)
     order = (fastest_on_cpu,) if isinstance(fastest_on_cpu, str) else tuple(fastest_on_cpu)
     pick = next((name for name in order if name in ENGINES[1:] and hw.installed(name)), "opencv")
-    if workload_mpx is not None and pick != "opencv" and (
-            expected_cpu_seconds("opencv", workload_mpx, macs_per_pixel)
-            <= expected_cpu_seconds(pick, workload_mpx, macs_per_pixel)):
-        pick = "opencv"
     return EngineChoice(pick, "cpu", note)
