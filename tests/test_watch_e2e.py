@@ -139,7 +139,8 @@ def test_bad_files_never_stop_it_and_sigterm_stops_cleanly(tmp_path):
         # stays where it is (its record says so): the directory, and the symlink (never followed, left in place).
         unread = {n for n, r in records.items() if not r["input_kept"]}
         assert {"x.jpg", "escape.png"} <= unread
-        assert visible(inbox) == {"processed", "still-copying.jpg.part"} | unread
+        # the disposition comes after the output or record (several items are in flight): wait for it to land
+        wait_for(lambda: visible(inbox) == {"processed", "still-copying.jpg.part"} | unread, 30, "dispositions", proc)
         assert visible(failed) == {f"{n}.error.json" for n in names} | (names - unread)
         for name in names - unread:
             assert (failed / name).read_bytes() == (tmp_path / "bad" / name).read_bytes(), name
