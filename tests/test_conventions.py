@@ -137,8 +137,8 @@ def test_overwrite_processes_again_what_is_done(tmp_path, photos):
 
 # -- --version, -q, -v --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", [[], ["upscale"], ["watch"], ["worker"], ["models"], ["models", "verify"],
-                                     ["models", "pull"], ["info"]])
+@pytest.mark.parametrize("command", [[], ["upscale"], ["watch"], ["worker"], ["serve"], ["enqueue"], ["models"],
+                                     ["models", "verify"], ["models", "pull"], ["models", "export"], ["info"]])
 def test_version_on_every_subcommand(command):
     result = run(*command, "--version")
     assert result.returncode == 0, result.stderr
@@ -147,8 +147,8 @@ def test_version_on_every_subcommand(command):
 
 @pytest.mark.parametrize("flag, level", [("-q", "WARNING"), ("--quiet", "WARNING"), ("-v", "DEBUG"),
                                          ("--verbose", "DEBUG"), (None, "INFO")])
-@pytest.mark.parametrize("command", [["upscale", "x", "--out", "o"], ["watch"], ["worker"], ["info"],
-                                     ["models", "list"]])
+@pytest.mark.parametrize("command", [["upscale", "x", "--out", "o"], ["watch"], ["worker"], ["serve"],
+                                     ["enqueue", "s3://b/p/", "--queue", "q"], ["info"], ["models", "list"]])
 def test_quiet_and_verbose_set_the_log_level(command, flag, level):
     args = [*command, flag] if flag else command
     assert settings_from_args(build_parser().parse_args(args)).log_level == level
