@@ -256,11 +256,13 @@ def run_models(settings: Settings, args) -> int:
     model_dir = settings.model_dir or default_model_dir()
     if args.models_command == "list":
         rows = list_rows(model_dir)
-        print(f"{'name':<16} {'algorithm':<8} {'scale':>5} {'bytes':>10}  status / note   (model dir: {model_dir})")
+        print(f"{'name':<16} {'algorithm':<8} {'scale':>5} {'MACs/px':>10} {'bytes':>10}  status / note   "
+              f"(model dir: {model_dir})")
         for r in rows:
             size = r["size"] if r["size"] is not None else "~40M"
             note = f"  {r['note']}" if r.get("note") else ""
-            print(f"{r['name']:<16} {r['algorithm']:<8} {r['scale']:>5} {size:>10}  {r['status']}{note}")
+            print(f"{r['name']:<16} {r['algorithm']:<8} {r['scale']:>5} {r['macs_per_pixel']:>10,} {size:>10}  "
+                  f"{r['status']}{note}")
         return 0
     if args.models_command == "verify":
         # each catalog model: ok / bad (its checksum or size is wrong: the line says why) / missing. Exit 1 when a
@@ -288,6 +290,9 @@ def run_models(settings: Settings, args) -> int:
     for name in args.names:
         spec = get_model(name)
         path = pull(spec, model_dir, base_url=settings.model_base_url, force=args.force)
+        if spec.bundled:
+            print(f"{spec.name}: bundled with superres, nothing to pull ({path})")
+            continue
         print(f"{spec.name}: {model_status(spec, model_dir)} {path}")
     return 0
 

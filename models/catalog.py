@@ -1,8 +1,10 @@
-"""The model catalog: every OpenCV dnn_superres model we know, described as data.
+"""The model catalog: every model we know, described as data.
 
 Pure data and lookups, no I/O. Call sites ask a `ModelSpec` (algorithm, scale, what the network sees,
-receptive radius for tile overlap, cost) and never special-case a model by name. Files, sizes, checksums
-and URLs are those of ../shared/models/MANIFEST.md (each upstream repo pinned to a commit).
+receptive radius for tile overlap, cost) and never special-case a model by name. The OpenCV dnn_superres models'
+files, sizes, checksums and URLs are those of ../shared/models/MANIFEST.md (each upstream repo pinned to a
+commit). Our own models (`fast-xN`, `quality-xN`, trained by `python -m training`) are bundled: small ONNX files
+in `models/weights/`, shipped in the package, never downloaded; their model cards are beside them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pipeline.errors import ConfigError
 
 _FAMILIES = {
     "edsr": "EDSR",
+    "fast": "superres-fast",
+    "quality": "superres-quality",
     "espcn": "ESPCN",
     "fsrcnn": "FSRCNN",
     "fsrcnn-small": "FSRCNN-small",
@@ -37,11 +41,30 @@ class ModelSpec:
     macs_per_pixel: int  # approx multiply-accumulates per input pixel (DESIGN.md "Facts measured")
     fastest_cpu_engine: str = "opencv"  # measured (docs/benchmarks.md): what `--engine auto` takes on a CPU
     license: str = "Apache-2.0"
+    file_format: str = "pb"  # "pb" (TensorFlow GraphDef) | "onnx"
+    bundled: bool = False  # shipped in the package (models/weights/), not downloaded: `url` is empty
 
     @property
     def family(self) -> str:
         """Display name of the architecture, e.g. "FSRCNN-small"."""
         return _FAMILIES[self.name.rsplit("-x", 1)[0]]
+
+
+def conv_macs(layers: list[tuple[int, int, int]]) -> int:
+    """MACs per input pixel of a network of convs at input resolution: (kernel taps, inputs per group, outputs)."""
+    return sum(taps * cin * cout for taps, cin, cout in layers)
+
+
+def fsrcnn_layers(scale: int, d: int = 56, s: int = 12, m: int = 4) -> list[tuple[int, int, int]]:
+    """The GSoC FSRCNN graphs' convs (Saafke's export: the 9x9 deconv is a 1x1 conv to scale^2 + DepthToSpace)."""
+    return [(25, 1, d), (1, d, s)] + [(9, s, s)] * m + [(1, s, d), (1, d, scale * scale)]
+
+
+def own_layers(scale: int, channels: int, depth: int) -> list[tuple[int, int, int]]:
+    """Our fast/quality graphs (training/arch.py): 3x3 head, `depth` 3x3 bodies, 3x3 tail to scale^2 sub-pixels,
+    and the bicubic residual as two fixed convs: 5x1 to `scale` row phases, grouped 1x5 to scale^2 sub-pixels."""
+    return ([(9, 1, channels)] + [(9, channels, channels)] * depth + [(9, channels, scale * scale)]
+            + [(5, 1, scale), (5, 1, scale * scale)])
 
 
 _SAAFKE_FSRCNN = "https://raw.githubusercontent.com/Saafke/FSRCNN_Tensorflow/6a4812c4ef1c4f5947d79beafa32a05a6eb4a94d/models"
@@ -103,23 +126,23 @@ _SPECS = [
     # FSRCNN
     _spec("fsrcnn-x2", "fsrcnn", 2, "FSRCNN_x2.pb", _SAAFKE_FSRCNN, size=38973,
           sha256="366b33f0084c7b3f2bf6724f0a2c77bca94fcec9d7b6d72389d330073b380d5c",
-          context_px=8, macs_per_pixel=8_200),
+          context_px=8, macs_per_pixel=conv_macs(fsrcnn_layers(2))),
     _spec("fsrcnn-x3", "fsrcnn", 3, "FSRCNN_x3.pb", _SAAFKE_FSRCNN, size=40093,
           sha256="efd38655a815908c6c8954db6052f128e76a735f1de657894c477d0dc0b64481",
-          context_px=8, macs_per_pixel=8_500),
+          context_px=8, macs_per_pixel=conv_macs(fsrcnn_layers(3))),
     _spec("fsrcnn-x4", "fsrcnn", 4, "FSRCNN_x4.pb", _SAAFKE_FSRCNN, size=41661,
           sha256="5c68d18db561aed8ead4ffedf1b897ea615baaf60ebf6c35f8e641f8fa4a21bf",
-          context_px=8, macs_per_pixel=8_800),
+          context_px=8, macs_per_pixel=conv_macs(fsrcnn_layers(4))),
     # FSRCNN-small: OpenCV knows it as "fsrcnn" ("fsrcnn-small" is rejected by upsample()).
     _spec("fsrcnn-small-x2", "fsrcnn", 2, "FSRCNN-small_x2.pb", _SAAFKE_FSRCNN, size=9595,
           sha256="429e4793d049c1ae16ddbbc322fd11c3c08831c0c20137390b4d098976a2b0d9",
-          context_px=8, macs_per_pixel=1_500),
+          context_px=8, macs_per_pixel=conv_macs(fsrcnn_layers(2, 32, 5, 1))),
     _spec("fsrcnn-small-x3", "fsrcnn", 3, "FSRCNN-small_x3.pb", _SAAFKE_FSRCNN, size=10235,
           sha256="58e72d0c4231b8e754180e787d7348f45ae6230ee3c5af7dc12b558467f593f7",
-          context_px=8, macs_per_pixel=1_700),
+          context_px=8, macs_per_pixel=conv_macs(fsrcnn_layers(3, 32, 5, 1))),
     _spec("fsrcnn-small-x4", "fsrcnn", 4, "FSRCNN-small_x4.pb", _SAAFKE_FSRCNN, size=11131,
           sha256="92a9f57c28494813b4dc073b51a300cb909401454d77541bcdc96b4d55901d02",
-          context_px=8, macs_per_pixel=1_900),
+          context_px=8, macs_per_pixel=conv_macs(fsrcnn_layers(4, 32, 5, 1))),
     # LapSRN: the receptive field grows with the number of pyramid levels.
     _spec("lapsrn-x2", "lapsrn", 2, "LapSRN_x2.pb", _LAPSRN, size=1356253,
           sha256="f59c86e6835bbca646dbd81588f07820dfe3bd09e3702976ae2d90b5fc0f0b21",
@@ -130,6 +153,31 @@ _SPECS = [
     _spec("lapsrn-x8", "lapsrn", 8, "LapSRN_x8.pb", _LAPSRN, size=4069183,
           sha256="a00211938b2b4c7d23691525a9267d9d0bbb345cdb9f38a7fc917414a5a1884f",
           context_px=32, macs_per_pixel=7_100_000),
+]
+
+
+# Our own models: (name, scale, channels, depth, size, sha256). The layer table is training/arch.py's
+# ARCHITECTURES; tests/test_own_models.py checks that each file's layers and checksum are these.
+_OWN = [
+    ("fast-x2", 2, 14, 4, 0, ""),
+    ("fast-x3", 3, 14, 4, 35920, "3995cd7f94dc8d49da1bc3dce6a14e02d75378b7a60b977c24805b789d4fdba4"),
+    ("fast-x4", 4, 13, 4, 0, ""),
+    ("quality-x2", 2, 32, 8, 0, ""),
+    ("quality-x3", 3, 32, 8, 0, ""),
+    ("quality-x4", 4, 32, 8, 0, ""),
+]
+
+_SPECS += [
+    ModelSpec(
+        name=name, algorithm=name.split("-")[0], scale=scale, filename=f"{name}.onnx", url="", size=size,
+        sha256=sha256, git_blob_sha1=None, input_kind="y",
+        context_px=depth + 2,  # one LR pixel per 3x3 conv (the residual's 5-tap kernels reach 2)
+        macs_per_pixel=conv_macs(own_layers(scale, channels, depth)),
+        # onnxruntime (their PRelu as plain ops, models/onnx_export.rewrite_onnx) 1.6x cv2.dnn: docs/benchmarks.md
+        fastest_cpu_engine="onnxruntime", license="Apache-2.0 (weights: trained on T91 + BSDS200, research use)",
+        file_format="onnx", bundled=True,
+    )
+    for name, scale, channels, depth, size, sha256 in _OWN
 ]
 
 CATALOG: dict[str, ModelSpec] = {spec.name: spec for spec in _SPECS}

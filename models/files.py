@@ -1,8 +1,10 @@
 """Model files on disk: where they live, whether they are intact, and `models pull` (the only download).
 
 Nothing downloads at run time: engines call `verify_file` and fail with a ModelFileError that says how to
-pull. `pull` is crash-safe: it streams into a temp file in the model dir (same filesystem), checks size and
-checksum, fsyncs and renames, so the final name only ever holds a verified file. Stdlib `urllib` only.
+pull. Bundled models (our own, `spec.bundled`) live in the package's `weights/` folder, whatever the model dir:
+they are never pulled, and verified by checksum like the others. `pull` is crash-safe: it streams into a temp
+file in the model dir (same filesystem), checks size and checksum, fsyncs and renames, so the final name only
+ever holds a verified file. Stdlib `urllib` only.
 """
 
 from __future__ import annotations
@@ -42,9 +44,12 @@ def file_sha256(path: Path) -> str:
     return _digest_file(Path(path)).sha256.hexdigest()
 
 
+BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
+
+
 def model_path(spec: ModelSpec, model_dir: Path) -> Path:
-    """Where `spec`'s file lives in `model_dir`."""
-    return Path(model_dir) / spec.filename
+    """Where `spec`'s file lives: in `model_dir`, or in the package for a bundled model."""
+    return (BUNDLED_DIR if spec.bundled else Path(model_dir)) / spec.filename
 
 
 class _Digests:
@@ -89,6 +94,8 @@ def _mismatch(spec: ModelSpec, digests: _Digests) -> str | None:
 def verify_file(spec: ModelSpec, path: Path) -> None:
     """Raise ModelFileError unless `path` holds exactly `spec`'s file (size, sha256 or git blob id)."""
     path = Path(path)
+    if spec.bundled and not (path.is_file() and _mismatch(spec, _digest_file(path)) is None):
+        raise ModelFileError(f"bundled model file {path} for {spec.name} is missing or corrupt: reinstall superres")
     if not path.is_file():
         raise ModelFileError(
             f"model file {spec.filename} for {spec.name} not found in {path.parent}; "
@@ -115,16 +122,18 @@ def model_status(spec: ModelSpec, model_dir: Path) -> str:
 
 
 def list_rows(model_dir: Path, shared_hint: str | None = None) -> list[dict]:
-    """One row per catalog model: name, family, algorithm, scale, size, status, note."""
+    """One row per catalog model: name, family, algorithm, scale, MACs per input pixel, size, status, note."""
     rows = []
     for spec in CATALOG.values():
         status = model_status(spec, model_dir)
         size = spec.size
         if size is None and status != "missing":
             size = model_path(spec, model_dir).stat().st_size
-        note = ""
+        note = "bundled" if spec.bundled and status == "ok" else ""
         if status != "ok":
-            if spec.sha256 is None:  # EDSR: not shipped beside the repo, only pinned by URL + blob id
+            if spec.bundled:
+                note = "bundled with superres: reinstall it"
+            elif spec.sha256 is None:  # EDSR: not shipped beside the repo, only pinned by URL + blob id
                 where = f"weights not in {shared_hint}" if shared_hint else "weights not bundled (~40 MB)"
                 note = f"{where}: pull from {spec.url}"
             else:
@@ -135,6 +144,7 @@ def list_rows(model_dir: Path, shared_hint: str | None = None) -> list[dict]:
                 "family": spec.family,
                 "algorithm": spec.algorithm,
                 "scale": spec.scale,
+                "macs_per_pixel": spec.macs_per_pixel,
                 "size": size,
                 "status": status,
                 "note": note,
@@ -203,6 +213,9 @@ def pull(
     """
     model_dir = Path(model_dir)
     final = model_path(spec, model_dir)
+    if spec.bundled:  # nothing to download; a bundled file that fails its checksum is a broken install
+        verify_file(spec, final)
+        return final
     if not force and final.is_file() and model_status(spec, model_dir) == "ok":
         return final
     url = base_url.rstrip("/") + "/" + spec.filename if base_url else spec.url

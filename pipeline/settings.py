@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     in_flight: int = Field(0, ge=0, le=256)
 
     # the model and where it runs
-    model: str = "edsr-x3"
+    model: str = ""  # empty: the best model present at --scale (default x3), see best_present_model
     scale: int | None = Field(None, ge=1)  # with a family name (fsrcnn): picks fsrcnn-x<scale>; else must match
     model_dir: Path | None = None  # default: the download cache (see models.files.default_model_dir)
     model_base_url: str | None = None  # a mirror for `models pull` (default: each model's pinned public URL)
@@ -227,8 +227,26 @@ def load_settings(**overrides) -> Settings:
             for err in exc.errors()
         )
         raise ConfigError(f"invalid settings: {problems}") from None
-    settings.model = resolve_model(settings.model, settings.scale)
+    settings.model = resolve_model(settings.model, settings.scale) if settings.model else \
+        best_present_model(settings.scale, settings.model_dir)
     return settings
+
+
+# With no model named: the first of these whose file is present, best first by measured Y-PSNR (docs/models.md).
+# Our fast model is bundled, so there always is one: a CPU image or a fresh install upscales out of the box.
+DEFAULT_FAMILIES = ("edsr", "quality", "fast")
+
+
+def best_present_model(scale: int | None, model_dir: Path | None) -> str:
+    from models.catalog import CATALOG
+    from models.files import default_model_dir, model_path
+
+    scale = scale or 3
+    known = [CATALOG[f"{family}-x{scale}"] for family in DEFAULT_FAMILIES if f"{family}-x{scale}" in CATALOG]
+    if not known:
+        raise ConfigError(f"no default model upscales x{scale}: name one with --model (see `superres models list`)")
+    present = [spec for spec in known if model_path(spec, model_dir or default_model_dir()).is_file()]
+    return (present or known[::-1])[0].name  # none present (a broken install): the bundled one's error says so
 
 
 def resolve_model(name: str, scale: int | None) -> str:

@@ -13,7 +13,8 @@ from training.imresize import contributions, cubic, imresize, modcrop
 def _pairs(dataset: str, scale: int):
     for hr_path in sorted((DATASETS / dataset / "HR").glob("*.png")):
         lr_path = DATASETS / dataset / "LR_bicubic" / f"X{scale}" / f"{hr_path.stem}x{scale}.png"
-        yield hr_path.stem, cv2.imread(str(hr_path), cv2.IMREAD_UNCHANGED), cv2.imread(str(lr_path), cv2.IMREAD_UNCHANGED)
+        read = cv2.imread(str(hr_path), cv2.IMREAD_UNCHANGED), cv2.imread(str(lr_path), cv2.IMREAD_UNCHANGED)
+        yield (hr_path.stem, *read)
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])

@@ -53,7 +53,7 @@ def test_manifest_parsed():
     assert sorted(MANIFEST_BLOBS) == ["EDSR_x2.pb", "EDSR_x3.pb", "EDSR_x4.pb"]
 
 
-def test_catalog_names_all_fifteen_models():
+def test_catalog_names_the_fifteen_opencv_models_and_our_six():
     expected = {
         f"{family}-x{s}"
         for family, scales in {
@@ -65,9 +65,11 @@ def test_catalog_names_all_fifteen_models():
         }.items()
         for s in scales
     }
-    assert set(CATALOG) == expected
+    own = {f"{tier}-x{s}" for tier in ("fast", "quality") for s in (2, 3, 4)}  # bundled (tests/test_own_models.py)
+    assert set(CATALOG) == expected | own
+    assert {name for name, spec in CATALOG.items() if spec.bundled} == own
     assert all(name == spec.name for name, spec in CATALOG.items())
-    assert len({spec.filename for spec in CATALOG.values()}) == 15
+    assert len({spec.filename for spec in CATALOG.values()}) == 21
 
 
 @pytest.mark.parametrize("path", SHARED_FILES, ids=lambda p: p.name)
@@ -115,6 +117,10 @@ def test_families_and_descriptors():
     assert get_model("espcn-x2").family == "ESPCN"
     for spec in CATALOG.values():
         assert isinstance(spec, ModelSpec)
+        if spec.bundled:
+            assert spec.url == "" and spec.file_format == "onnx"
+            continue
+        assert spec.file_format == "pb"
         assert spec.url.startswith("https://raw.githubusercontent.com/")
         assert spec.url.endswith("/" + spec.filename)
         assert spec.context_px > 0 and spec.macs_per_pixel > 0

@@ -215,6 +215,7 @@ def test_list_rows(tmp_path: Path):
         "family": "ESPCN",
         "algorithm": "espcn",
         "scale": 2,
+        "macs_per_pixel": 21000,
         "size": 86446,
         "status": "ok",
         "note": "",

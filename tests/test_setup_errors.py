@@ -205,14 +205,21 @@ def test_info_without_the_model(tmp_path):
 
 
 def test_models_verify_on_an_empty_cache(tmp_path):
+    """Nothing pulled: our bundled models are still there (and checked), so that is no error."""
+    from models.catalog import CATALOG
+
     result = run("models", "verify", "--model-dir", tmp_path)
-    assert result.returncode == 1
-    assert result.stdout.strip() == f"no model files in {tmp_path}: run `superres models pull NAME` " \
-                                    "(see `superres models list`)"
+    assert result.returncode == 0, result.stdout
+    bundled = sorted(name for name, spec in CATALOG.items() if spec.bundled)
+    assert result.stdout.splitlines()[0].startswith(f"checked {len(bundled)} model file(s) in {tmp_path}")
+    rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[1:]}
+    assert {name for name, state in rows.items() if state == "ok"} == set(bundled)
     assert result.stderr == ""
 
 
 def test_models_verify_says_ok_bad_and_missing(tmp_path):
+    from models.catalog import CATALOG
+
     (tmp_path / "FSRCNN_x2.pb").write_bytes((SHARED_MODELS / "FSRCNN_x2.pb").read_bytes())
     (tmp_path / "ESPCN_x2.pb").write_bytes(b"truncated")
     result = run("models", "verify", "--model-dir", tmp_path)
@@ -221,4 +228,5 @@ def test_models_verify_says_ok_bad_and_missing(tmp_path):
     assert rows["fsrcnn-x2"].split()[1] == "ok"
     assert rows["espcn-x2"].split()[1] == "bad" and "models pull espcn-x2 --force" in rows["espcn-x2"]
     assert rows["lapsrn-x8"].split()[1] == "missing"
-    assert result.stdout.splitlines()[0].startswith("checked 2 model file(s)")
+    bundled = sum(spec.bundled for spec in CATALOG.values())  # ours, always there
+    assert result.stdout.splitlines()[0].startswith(f"checked {2 + bundled} model file(s)")

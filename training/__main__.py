@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=d.eval_every)
     t.add_argument("--threads", type=int, default=d.threads)
     t.add_argument("--train-dir", type=Path, default=DEFAULT_TRAIN_DIR, help="T91/ and BSDS200/ (HR PNGs)")
+    t.add_argument("--init", default="", help="a .pt of another run to start from (tensors of matching shape)")
     t.add_argument("--limit-images", type=int, default=0, help="use only the first N training images (tests)")
     t.add_argument("--out", type=Path, required=True)
     e = sub.add_parser("evaluate", help="Y-PSNR on the benchmark sets (bicubic, catalog models)")
@@ -50,7 +51,10 @@ def run_evaluate(args) -> int:
 
     from training.evaluate import evaluate
 
+    import cv2
+
     torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
     sets = tuple(args.sets.split(","))
     print("| model | " + " | ".join(f"{s} x{args.scale}" for s in sets) + " |", flush=True)
     for model in args.models:
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit_images:
         training, validation = training[: args.limit_images], validation[:1]
     cfg = TrainConfig(steps=args.steps, batch=args.batch, patch=args.patch, lr=args.lr, seed=args.seed,
-                      eval_every=args.eval_every, threads=args.threads)
+                      eval_every=args.eval_every, threads=args.threads, init=args.init)
     log = lambda line: print(line, flush=True)  # noqa: E731
     log(f"making LR x{arch.scale} (MATLAB bicubic) for {len(training)} + {len(validation)} images")
     net, summary = train(arch, load_pairs(training, arch.scale), load_pairs(validation, arch.scale), cfg, log)

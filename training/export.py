@@ -1,8 +1,9 @@
 """The fused graph as a small ONNX file, built with `onnx.helper` from Conv, PRelu, Add and DepthToSpace only,
 so every engine runs it (cv2.dnn.readNetFromONNX, onnxruntime, the torch engine's lowering).
 
-Graph: input "lr" N x 1 x H x W float32 luma in [0, 1]; output "sr" N x 1 x sH x sW. The nearest-neighbour
-residual is a 1x1 Conv of ones (1 -> s^2) added before DepthToSpace (with one output channel DCR = CRD).
+Graph: input "lr" N x 1 x H x W float32 luma in [0, 1]; output "sr" N x 1 x sH x sW. The residual is added
+before DepthToSpace (with one output channel DCR = CRD): the bicubic upscale as a 5x1 Conv (1 -> s row phases)
+and a grouped 1x5 Conv (-> s^2 sub-pixels), or for "nearest" a 1x1 Conv of ones (1 -> s^2).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from training.arch import FusedNet
+from training.arch import FusedNet, residual_kernels
 
 OPSET = 13
 
@@ -31,9 +32,21 @@ def to_onnx(fused: FusedNet, doc: str = "") -> onnx.ModelProto:
             inits.append(numpy_helper.from_array(slope.reshape(-1, 1, 1), f"prelu{i}.slope"))
             nodes.append(helper.make_node("PRelu", [x, f"prelu{i}.slope"], [f"prelu{i}"], name=f"prelu{i}"))
             x = f"prelu{i}"
-    inits.append(numpy_helper.from_array(np.ones((s * s, 1, 1, 1), np.float32), "residual.weight"))
+    if fused.residual == "nearest":
+        inits.append(numpy_helper.from_array(np.ones((s * s, 1, 1, 1), np.float32), "residual.weight"))
+        nodes.append(helper.make_node("Conv", ["lr", "residual.weight"], ["residual"], kernel_shape=[1, 1],
+                                      name="residual"))
+    else:
+        vertical, horizontal = residual_kernels(s)
+        inits += [numpy_helper.from_array(vertical, "bicubic.vertical"),
+                  numpy_helper.from_array(horizontal, "bicubic.horizontal")]
+        nodes += [
+            helper.make_node("Conv", ["lr", "bicubic.vertical"], ["bicubic_rows"], kernel_shape=[5, 1],
+                             pads=[2, 0, 2, 0], name="bicubic_rows"),
+            helper.make_node("Conv", ["bicubic_rows", "bicubic.horizontal"], ["residual"], kernel_shape=[1, 5],
+                             pads=[0, 2, 0, 2], group=s, name="bicubic_columns"),
+        ]
     nodes += [
-        helper.make_node("Conv", ["lr", "residual.weight"], ["residual"], kernel_shape=[1, 1], name="residual"),
         helper.make_node("Add", [x, "residual"], ["subpixels"], name="add"),
         helper.make_node("DepthToSpace", ["subpixels"], ["sr"], blocksize=s, mode="DCR", name="depth_to_space"),
     ]

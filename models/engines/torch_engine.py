@@ -22,6 +22,9 @@ Anything else is run op by op (Add, Sub, Mul, RealDiv, Maximum, Minimum, Relu, A
 DepthToSpace, Conv2DBackpropInput); an op outside that list is a ConfigError when the engine is built.
 Padding follows TF exactly: 'SAME' pads total = (out-1)*stride + k_eff - in, before = total // 2, so odd kernels
 pad k//2 and LapSRN's 4x4 kernels pad 1 before and 2 after.
+
+Models whose file is ONNX (our own fast/quality models, `spec.file_format == "onnx"`) are lowered the same way
+by `build_onnx_module`: their graphs use only Conv, PRelu, Relu, Add and DepthToSpace, each one torch op.
 """
 
 from __future__ import annotations
@@ -321,6 +324,94 @@ def _lower(net: _Net, n: Node, acts: list[str]) -> tuple[nn.Module, list[str]]:
     raise ConfigError(f"graph op {n.op!r} ({n.name!r}) is not supported by the torch engine")
 
 
+class OnnxModule(nn.Module):
+    """An ONNX graph of Conv / PRelu / Relu / Add / DepthToSpace as torch ops, nodes in the file's order (ONNX
+    requires topological order); each intermediate dropped after its last consumer."""
+
+    _OPS = {"Conv", "PRelu", "Relu", "Add", "DepthToSpace"}
+
+    def __init__(self, path: Path):
+        super().__init__()
+        import onnx  # only where an ONNX model is used: ~0.5 s to import
+        from onnx import numpy_helper
+
+        try:
+            model = onnx.load(str(path))
+        except Exception as exc:  # onnx raises DecodeError and friends: any of them means "not a model file"
+            raise ConfigError(f"cannot read ONNX model file {path}: {exc}") from None
+        graph = model.graph
+        consts = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
+        inputs = [i.name for i in graph.input if i.name not in consts]
+        if len(inputs) != 1 or len(graph.output) != 1:
+            raise ConfigError(f"{path}: expected one input and one output, found {len(inputs)} and {len(graph.output)}")
+        self.input_name, self.output_name = inputs[0], graph.output[0].name
+        self.params = nn.ParameterDict()
+        self.nodes: list[tuple[str, list[str], str, dict]] = []
+        for node in graph.node:
+            if node.op_type not in self._OPS or len(node.output) != 1:
+                raise ConfigError(f"ONNX op {node.op_type!r} ({node.name!r}) is not supported by the torch engine")
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            for name in node.input:
+                if name in consts and name.replace(".", "_") not in self.params:
+                    self.params[name.replace(".", "_")] = nn.Parameter(consts[name], requires_grad=False)
+            if node.op_type == "Conv":
+                if any(v != 1 for v in attrs.get("strides", [1, 1]) + attrs.get("dilations", [1, 1])) \
+                        or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                    raise ConfigError(f"Conv {node.name!r}: only stride 1, dilation 1, explicit pads")
+                pads = attrs.get("pads", [0, 0, 0, 0])
+                if pads[0] != pads[2] or pads[1] != pads[3]:
+                    raise ConfigError(f"Conv {node.name!r}: asymmetric pads {pads}")
+                attrs = {"padding": (pads[0], pads[1]), "groups": int(attrs.get("group", 1))}
+            elif node.op_type == "DepthToSpace":
+                attrs = {"block": int(attrs["blocksize"]), "crd": attrs.get("mode", b"DCR") in (b"CRD", "CRD")}
+            self.nodes.append((node.op_type, list(node.input), node.output[0], attrs))
+        first = next((i for op, i, _, _ in self.nodes if op == "Conv"), None)
+        self.in_channels = int(consts[first[1]].shape[1]) if first else 1
+        last_use: dict[str, int] = {}
+        for k, (_, ins, _, _) in enumerate(self.nodes):
+            for i in ins:
+                last_use[i] = k
+        self.release = [[i for i in ins if last_use.get(i) == k and i not in consts] for k, (_, ins, _, _)
+                        in enumerate(self.nodes)]
+
+    def _value(self, values: dict, name: str) -> torch.Tensor:
+        key = name.replace(".", "_")
+        return self.params[key] if key in self.params else values[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values = {self.input_name: x}
+        for (op, ins, out, attrs), dead in zip(self.nodes, self.release):
+            args = [self._value(values, i) for i in ins if i]
+            if op == "Conv":
+                y = F.conv2d(args[0], args[1].to(x.dtype), args[2].to(x.dtype) if len(args) > 2 else None,
+                             padding=attrs["padding"], groups=attrs["groups"])
+            elif op == "PRelu":
+                y = F.prelu(args[0], args[1].reshape(-1).to(x.dtype))
+            elif op == "Relu":
+                y = F.relu(args[0])
+            elif op == "Add":
+                y = args[0] + args[1]
+            elif attrs["crd"] or args[0].shape[1] == attrs["block"] ** 2:  # one output channel: DCR = CRD
+                y = F.pixel_shuffle(args[0], attrs["block"])
+            else:
+                y = _DepthToSpace(attrs["block"])(args[0])
+            values[out] = y
+            for i in dead:
+                if i != self.output_name:
+                    values.pop(i, None)
+        return values[self.output_name]
+
+
+def build_onnx_module(path: Path, scale: int) -> OnnxModule:
+    """Lower an ONNX model file and check that it upscales x`scale` (ConfigError otherwise)."""
+    module = OnnxModule(path)
+    with torch.inference_mode():
+        out = module(torch.zeros(1, module.in_channels, 8, 8))
+    if out.shape[-1] != 8 * scale:
+        raise ConfigError(f"upscales x{out.shape[-1] / 8:g}, not x{scale}: wrong file for this model name")
+    return module
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the engine
 
@@ -348,12 +439,17 @@ class TorchEngine(DnnSuperResIO):
         if threads > 0:
             torch.set_num_threads(threads)
         try:
-            graph = read_graphdef(model_file)
-        except (OSError, GraphDefError) as exc:
-            raise ConfigError(f"cannot read model file {model_file}: {exc}") from None
-        try:
-            module = build_module(graph, spec.scale)
+            if getattr(spec, "file_format", "pb") == "onnx":
+                module = build_onnx_module(model_file, spec.scale)
+            else:
+                try:
+                    graph = read_graphdef(model_file)
+                except (OSError, GraphDefError) as exc:
+                    raise ConfigError(f"cannot read model file {model_file}: {exc}") from None
+                module = build_module(graph, spec.scale)
         except ConfigError as exc:
+            if str(exc).startswith("cannot read"):
+                raise
             raise ConfigError(f"the model file for {spec.name}: {exc}") from None
         expected_channels = 3 if spec.input_kind == "bgr" else 1
         if module.in_channels != expected_channels:
