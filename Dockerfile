@@ -61,7 +61,9 @@ ARG EXTRAS=lambda,gpu
 RUN python -c "import os, tomllib; t = tomllib.load(open('pyproject.toml', 'rb')); x = t['project']['optional-dependencies']; print('\n'.join(t['build-system']['requires'] + t['project']['dependencies'] + [r for e in os.environ['EXTRAS'].split(',') if e for r in x[e]]))" > /tmp/requirements.txt \
  && pip install --no-cache-dir -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt \
- && find /opt/venv/lib/python3.11/site-packages -mindepth 2 -type d -name tests -prune -exec rm -rf {} +
+ && find /opt/venv/lib/python3.11/site-packages -mindepth 2 -type d -name tests -prune -exec rm -rf {} + \
+ && sp=/opt/venv/lib/python3.11/site-packages \
+ && rm -rf "$sp/onnx/backend/test" "$sp/onnxruntime/transformers" "$sp/onnxruntime/quantization" "$sp/onnxruntime/tools"
 COPY README.md ./
 COPY handler ./handler
 COPY pipeline ./pipeline
@@ -120,7 +122,9 @@ ARG EXTRAS=lambda
 RUN python -c "import os, tomllib; t = tomllib.load(open('pyproject.toml', 'rb')); x = t['project']['optional-dependencies']; print('\n'.join(t['build-system']['requires'] + t['project']['dependencies'] + [r for e in os.environ['EXTRAS'].split(',') if e for r in x[e]]))" > /tmp/requirements.txt \
  && pip install --no-cache-dir -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt \
- && find /opt/venv/lib/python3.11/site-packages -mindepth 2 -type d -name tests -prune -exec rm -rf {} +
+ && find /opt/venv/lib/python3.11/site-packages -mindepth 2 -type d -name tests -prune -exec rm -rf {} + \
+ && sp=/opt/venv/lib/python3.11/site-packages \
+ && rm -rf "$sp/onnx/backend/test" "$sp/onnxruntime/transformers" "$sp/onnxruntime/quantization" "$sp/onnxruntime/tools"
 COPY README.md ./
 COPY handler ./handler
 COPY pipeline ./pipeline

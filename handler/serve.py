@@ -600,7 +600,7 @@ def build_app(service: Service):
         return FileResponse(str(web / "index.html"), media_type="text/html")
 
     async def healthz(request):
-        if service.ops is None:
+        if not service.ready:  # ready is set on the loop after everything is built: uploads are taken from then on
             return JSONResponse({"status": "stopping" if service.stopping else "starting"}, status_code=503)
         code, doc = service.ops.health()
         if service.stopping and code == 200:

@@ -221,12 +221,14 @@ def test_info_reports_the_baked_model_on_cpu_without_network(image, podman_env):
 @pytest.mark.slow
 def test_cpu_image_stays_small(image, podman_env):
     """No torch, no pip cache, no apt cache, no test folders of the installed packages: what the cpu target adds to
-    python:3.11-slim was 430 MB before those went (OpenCV is ~170 MB of it, numpy ~75, botocore ~30)."""
+    python:3.11-slim was 430 MB before those went (OpenCV is ~170 MB of it, numpy ~75, botocore ~30). onnxruntime,
+    the default CPU engine (1.4-3.9x OpenCV's speed), adds ~75 MB and onnx (the converter) ~13 MB, their test data,
+    transformer and quantization tools removed."""
     def size(ref: str) -> int:
         return int(podman(podman_env, "image", "inspect", "--format", "{{.Size}}", ref).stdout.strip())
 
     added = size(image) - size("docker.io/library/python:3.11-slim")
-    assert added < 360e6, f"the cpu target adds {added / 1e6:.0f} MB to its base"
+    assert added < 450e6, f"the cpu target adds {added / 1e6:.0f} MB to its base"
     listed = podman(podman_env, "run", "--rm", "--network", "none", "--entrypoint", "python", image, "-c",
                     "import importlib.util as u; print([m for m in ('torch', 'pytest', 'moto') if u.find_spec(m)])")
     assert listed.stdout.strip() == "[]", listed.stdout
