@@ -159,12 +159,11 @@ _SPECS = [
 # Our own models: (name, scale, channels, depth, size, sha256). The layer table is training/arch.py's
 # ARCHITECTURES; tests/test_own_models.py checks that each file's layers and checksum are these.
 _OWN = [
-    ("fast-x2", 2, 14, 4, 0, ""),
+    ("fast-x2", 2, 14, 4, 33258, "2cf8e096c8fcea311d6171d58acb92ba9820ea81e6039d2e9ea0825a42b4ef31"),
     ("fast-x3", 3, 14, 4, 35920, "3995cd7f94dc8d49da1bc3dce6a14e02d75378b7a60b977c24805b789d4fdba4"),
-    ("fast-x4", 4, 13, 4, 0, ""),
-    ("quality-x2", 2, 32, 8, 0, ""),
+    ("fast-x4", 4, 13, 4, 35096, "e8ee8f507e2a7dfb45490677ab1c99235b2c56a74d9954d7ab6dc9fc59203dec"),
     ("quality-x3", 3, 32, 8, 0, ""),
-    ("quality-x4", 4, 32, 8, 0, ""),
+    # quality-x2 / quality-x4: designed (training/arch.py) but not trained yet, so not in the catalog
 ]
 
 _SPECS += [
