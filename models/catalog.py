@@ -159,9 +159,9 @@ _SPECS = [
 # Our own models: (name, scale, channels, depth, size, sha256). The layer table is training/arch.py's
 # ARCHITECTURES; tests/test_own_models.py checks that each file's layers and checksum are these.
 _OWN = [
-    ("fast-x2", 2, 14, 4, 33258, "2cf8e096c8fcea311d6171d58acb92ba9820ea81e6039d2e9ea0825a42b4ef31"),
+    ("fast-x2", 2, 14, 4, 33258, "a3753d1ad01832056fdc6f7ce09b683f6a50423fc2b9f2f90fd249fcd017ce9a"),
     ("fast-x3", 3, 14, 4, 35920, "3995cd7f94dc8d49da1bc3dce6a14e02d75378b7a60b977c24805b789d4fdba4"),
-    ("fast-x4", 4, 13, 4, 35096, "e8ee8f507e2a7dfb45490677ab1c99235b2c56a74d9954d7ab6dc9fc59203dec"),
+    ("fast-x4", 4, 13, 4, 35096, "e0138bc8033d061efbad481f4239232b87aaa801a5246cd3dfb92c3c692d1e5b"),
     ("quality-x3", 3, 32, 8, 0, ""),
     # quality-x2 / quality-x4: designed (training/arch.py) but not trained yet, so not in the catalog
 ]
