@@ -162,7 +162,7 @@ _OWN = [
     ("fast-x2", 2, 14, 4, 33258, "a3753d1ad01832056fdc6f7ce09b683f6a50423fc2b9f2f90fd249fcd017ce9a"),
     ("fast-x3", 3, 14, 4, 35920, "3995cd7f94dc8d49da1bc3dce6a14e02d75378b7a60b977c24805b789d4fdba4"),
     ("fast-x4", 4, 13, 4, 35096, "e0138bc8033d061efbad481f4239232b87aaa801a5246cd3dfb92c3c692d1e5b"),
-    ("quality-x3", 3, 32, 8, 311767, "01b4b16432120900d60b6c61d5791edcc078fd7261daffac22aacd5a4bd152b3"),
+    ("quality-x3", 3, 32, 8, 311767, "984abccd08f6e70fbe6d798f6ecb0f89baf1bbe0d333fc1b8e62174e9b28948e"),
     # quality-x2 / quality-x4: designed (training/arch.py) but not trained yet, so not in the catalog
 ]
 
