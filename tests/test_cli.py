@@ -72,14 +72,14 @@ def test_models_list_marks_missing_weights():
     result = run("models", "list")
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
-    assert len(lines) == 19  # 15 OpenCV models, our 4 bundled ones
+    assert len(lines) == 21  # 15 OpenCV models, our 6 bundled ones
     assert "ok" in lines["fsrcnn-x3"] and "missing" in lines["edsr-x3"] and "bundled" in lines["fast-x3"]
 
 
 def test_models_verify_passes_on_the_shared_models():
     result = run("models", "verify")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(" ok") == 12 + 4  # the shared files and our bundled ones
+    assert result.stdout.count(" ok") == 12 + 6  # the shared files and our bundled ones
 
 
 def test_in_process_main_returns_the_exit_code(tmp_path):

@@ -65,7 +65,7 @@ def test_catalog_names_the_fifteen_opencv_models_and_our_six():
         }.items()
         for s in scales
     }
-    own = {"fast-x2", "fast-x3", "fast-x4", "quality-x3"}  # bundled (tests/test_own_models.py)
+    own = {"fast-x2", "fast-x3", "fast-x4", "quality-x2", "quality-x3", "quality-x4"}  # bundled (tests/test_own_models.py)
     assert set(CATALOG) == expected | own
     assert {name for name, spec in CATALOG.items() if spec.bundled} == own
     assert all(name == spec.name for name, spec in CATALOG.items())

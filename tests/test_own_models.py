@@ -47,7 +47,7 @@ def pb_macs(path) -> int:
 
 
 def test_catalog_entries():
-    assert sorted(OWN) == ["fast-x2", "fast-x3", "fast-x4", "quality-x3"]
+    assert sorted(OWN) == ["fast-x2", "fast-x3", "fast-x4", "quality-x2", "quality-x3", "quality-x4"]
     for name in OWN:
         spec = get_model(name)
         assert spec.file_format == "onnx" and spec.filename == f"{name}.onnx" and spec.input_kind == "y"
