@@ -272,6 +272,7 @@ def write_atomically(data: bytes, path: Path) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; an exported model is an ordinary file, not a secret
         os.replace(tmp, path)
     except BaseException:
         try:

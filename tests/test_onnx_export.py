@@ -45,6 +45,7 @@ def test_models_export_writes_the_network_with_dynamic_sizes(tmp_path, name):
     done = run("models", "export", name, "--onnx", str(target))
     assert done.returncode == 0, done.stderr
     assert str(target) in done.stdout
+    assert target.stat().st_mode & 0o777 == 0o644  # an ordinary file for the user, not mkstemp's 0600
     model = onnx.load(str(target))
     onnx.checker.check_model(model, full_check=True)
     (inp,), (out,) = model.graph.input, model.graph.output
