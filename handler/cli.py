@@ -4,6 +4,7 @@ Every option is also a SUPERRES_* variable (see pipeline/settings.py). Exit code
 failed (each recorded), 2 bad usage or configuration (one line, no traceback)."""
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SETTING_NAMES = set(Settings.model_fields)
+SETTING_NAMES = set(Settings.field_names())
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -242,7 +243,7 @@ def single_output(settings: Settings, inputs: list[str]) -> Settings:
             raise ConfigError(f"--out {settings.outbox} is a {fmt.name} file name but --format is {settings.format}")
         return settings
     if fmt.requested_as:
-        return settings.model_copy(update={"format": fmt.requested_as[0]})
+        return dataclasses.replace(settings, format=fmt.requested_as[0])
     if os.path.splitext(inputs[0])[1].lower() not in fmt.extensions:  # BMP, GIF: written only when kept
         raise ConfigError(f"superres writes {fmt.name} only for a {fmt.name} input: give --out a .png, .jpg, .webp "
                           "or .tif name")
@@ -312,7 +313,7 @@ def run_info(settings: Settings) -> int:
         fix = f"superres models pull {spec.name}" + (" --force" if state != "missing" else "")
         doc = {"engine": choice.engine, "device": choice.device, "model": spec.name, "scale": spec.scale,
                "model_file": str(model_path(spec, model_dir)), "model_status": state, "to_get_it": fix,
-               "settings": json.loads(settings.model_dump_json())}
+               "settings": settings.as_json_dict()}
         print(json.dumps(doc, indent=2))
         print(f"superres: model {spec.name} is {state} in {model_dir}: run `{fix}`", file=sys.stderr)
         return 0
@@ -320,7 +321,7 @@ def run_info(settings: Settings) -> int:
     batch = settings.tile_batch or engine.default_batch()
     doc = {**engine.describe(), "context_px": spec.context_px, "tile": settings.tile or engine.default_tile(batch),
            "tile_batch": batch,
-           "settings": json.loads(settings.model_dump_json())}
+           "settings": settings.as_json_dict()}
     print(json.dumps(doc, indent=2))
     return 0
 

@@ -36,13 +36,13 @@ def template() -> dict:
 
 
 def settings_names(env: dict[str, str]) -> set[str]:
-    """SUPERRES_* names that are not settings (a typo would be ignored silently by pydantic-settings)."""
-    return {k for k in env if k.startswith("SUPERRES_") and k[len("SUPERRES_"):].lower() not in Settings.model_fields}
+    """SUPERRES_* names that are not settings (a typo would be ignored silently by load_settings)."""
+    return {k for k in env if k.startswith("SUPERRES_") and k[len("SUPERRES_"):].lower() not in Settings.field_names()}
 
 
 def settings_from(env: dict[str, str]) -> Settings:
     """The values as the service would read them (validated; a bad one raises)."""
-    return Settings(_env_file=None, **{k[len("SUPERRES_"):].lower(): v for k, v in env.items() if k.startswith("SUPERRES_")})
+    return Settings.from_values({k[len("SUPERRES_"):].lower(): v for k, v in env.items() if k.startswith("SUPERRES_")})
 
 
 # ------------------------------------------------------------------------------------------ CloudFormation --------
