@@ -42,7 +42,8 @@ def test_split_holds_out_validation_and_drops_the_duplicate():
 def test_patches_are_aligned_and_augmented(few_pairs):
     pairs, _ = few_pairs
     sampler = PatchSampler(pairs, 3, 16, seed=1)
-    lr, hr = sampler.batch(64)
+    lr, hr, mask = sampler.batch(64)
+    assert mask.shape == hr.shape and mask.min() == 1  # no context: every pixel is in the loss
     assert lr.shape == (64, 1, 16, 16) and hr.shape == (64, 1, 48, 48)
     # HR box-filtered down is close to the (bicubic) LR patch: same place, same orientation
     box = hr.reshape(64, 1, 16, 3, 16, 3).mean(axis=(3, 5))
@@ -50,6 +51,24 @@ def test_patches_are_aligned_and_augmented(few_pairs):
     shuffled = np.abs(box - lr[::-1]).mean()
     assert shuffled > 2 * np.abs(box - lr).mean()
     assert np.array_equal(PatchSampler(pairs, 3, 16, seed=1).batch(64)[0], lr)
+
+
+def test_context_is_left_out_of_the_loss_except_at_image_edges(few_pairs):
+    pairs, _ = few_pairs
+    s, p, c = 3, 16, 4
+    lr, hr, mask = PatchSampler(pairs, s, p, seed=2, context=c).batch(400)
+    assert lr.shape == (400, 1, p, p) and mask.shape == hr.shape
+    edges_seen = 0
+    for m in mask[:, 0]:
+        rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+        # one rectangle, each side either the margin or the patch's edge (which is then the image's)
+        assert m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].min() == 1 and m.sum() == rows.size * cols.size
+        for first, last in ((rows[0], rows[-1]), (cols[0], cols[-1])):
+            assert first in (0, c * s) and last + 1 in (p * s, (p - c) * s)
+            edges_seen += (first == 0) + (last + 1 == p * s)
+    assert 0.1 < edges_seen / (4 * 400) < 0.5  # about one side in four is the image's edge
+    with pytest.raises(ValueError):
+        PatchSampler(pairs, s, p, seed=2, context=8)
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():

@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=d.steps)
     t.add_argument("--batch", type=int, default=d.batch)
     t.add_argument("--patch", type=int, default=d.patch, help="LR patch side (px)")
+    t.add_argument("--context", type=int, default=d.context,
+                   help="LR px each side of a patch fed in but left out of the loss, except at image edges")
     t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (Adam)")
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--eval-every", type=int, default=d.eval_every)
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.limit_images:
         training, validation = training[: args.limit_images], validation[:1]
-    cfg = TrainConfig(steps=args.steps, batch=args.batch, patch=args.patch, lr=args.lr, seed=args.seed,
+    cfg = TrainConfig(steps=args.steps, batch=args.batch, patch=args.patch, context=args.context, lr=args.lr, seed=args.seed,
                       eval_every=args.eval_every, threads=args.threads, init=args.init)
     log = lambda line: print(line, flush=True)  # noqa: E731
     log(f"making LR x{arch.scale} (MATLAB bicubic) for {len(training)} + {len(validation)} images")

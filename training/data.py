@@ -66,29 +66,52 @@ def _dihedral(a: np.ndarray, k: int) -> np.ndarray:
 
 class PatchSampler:
     """Random LR/HR luma patch batches, images drawn in proportion to their area, each patch in a random one of
-    the 8 flips/rotations. Seeded: the same seed gives the same batches."""
+    the 8 flips/rotations. Seeded: the same seed gives the same batches.
 
-    def __init__(self, pairs: list[Pair], scale: int, patch: int, seed: int):
+    `context` LR pixels along each side of a patch are input only, left out of the loss (mask 0), except where
+    that side is the image's own edge: there the network's zero padding is what it will meet in use. Without it
+    most of a small patch's loss falls on pixels that see padding where the image goes on (a 32 px patch through
+    six 3x3 convolutions: 61 %), which no whole image asks of the network. One side in four is put at the edge
+    so the edge is still learned."""
+
+    EDGE_CHANCE = 0.25
+
+    def __init__(self, pairs: list[Pair], scale: int, patch: int, seed: int, context: int = 0):
         usable = [p for p in pairs if min(p.lr.shape) >= patch]
         if not usable:
             raise ValueError(f"no training image is at least {patch} px (LR) on both sides")
-        self.pairs, self.scale, self.patch = usable, scale, patch
+        if not 0 <= 2 * context < patch:
+            raise ValueError(f"context {context} leaves nothing of a {patch} px patch to learn from")
+        self.pairs, self.scale, self.patch, self.context = usable, scale, patch, context
         areas = np.array([(p.lr.shape[0] - patch + 1) * (p.lr.shape[1] - patch + 1) for p in usable], np.float64)
         self.weights = areas / areas.sum()
         self.rng = np.random.default_rng(seed)
 
-    def batch(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+    def _start(self, length: int) -> tuple[int, int, int]:
+        """(start, first, end): the window's start in the image, and the part of it in the loss."""
+        p, c, last = self.patch, self.context, length - self.patch
+        start = int(self.rng.integers(0, last + 1))
+        if c and self.rng.random() < self.EDGE_CHANCE:
+            start = 0 if self.rng.random() < 0.5 else last
+        return start, 0 if start == 0 else c, p if start == last else p - c
+
+    def batch(self, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(lr, hr, mask): N x 1 x p x p, N x 1 x sp x sp, and the HR pixels in the loss (1) or not (0)."""
         s, p = self.scale, self.patch
         lrs = np.empty((size, 1, p, p), np.float32)
         hrs = np.empty((size, 1, p * s, p * s), np.float32)
+        masks = np.zeros((size, 1, p * s, p * s), np.float32)
         for i, index in enumerate(self.rng.choice(len(self.pairs), size=size, p=self.weights)):
             pair = self.pairs[index]
-            y = int(self.rng.integers(0, pair.lr.shape[0] - p + 1))
-            x = int(self.rng.integers(0, pair.lr.shape[1] - p + 1))
+            y, top, bottom = self._start(pair.lr.shape[0])
+            x, left, right = self._start(pair.lr.shape[1])
             k = int(self.rng.integers(0, 8))
+            mask = np.zeros((p * s, p * s), np.float32)
+            mask[top * s:bottom * s, left * s:right * s] = 1
             lrs[i, 0] = _dihedral(pair.lr[y:y + p, x:x + p], k)
             hrs[i, 0] = _dihedral(pair.hr[y * s:(y + p) * s, x * s:(x + p) * s], k)
-        return lrs, hrs
+            masks[i, 0] = _dihedral(mask, k)
+        return lrs, hrs, masks
 
 
 def psnr(a: np.ndarray, b: np.ndarray, border: int) -> float:

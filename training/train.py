@@ -26,6 +26,7 @@ class TrainConfig:
     steps: int = 20_000
     batch: int = 32
     patch: int = 32  # LR side
+    context: int = 0  # LR pixels each side of a patch seen but not in the loss (PatchSampler)
     lr: float = 2e-3
     lr_min: float = 1e-5
     warmup: int = 200
@@ -41,6 +42,11 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * t))
+
+
+def masked_l1(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over the pixels where mask is 1 (all of them without --context)."""
+    return ((out - target).abs() * mask).sum() / mask.sum()
 
 
 def start_from(net: SRNet, state: dict, log: Callable[[str], None]) -> None:
@@ -74,7 +80,7 @@ def train(arch: ArchSpec, train_pairs: list[Pair], val_pairs: list[Pair], cfg: T
     if cfg.init:
         start_from(net, torch.load(cfg.init, weights_only=True), log)
     net = net.to(memory_format=torch.channels_last)  # oneDNN's small-channel convs: ~1.4x faster in NHWC
-    sampler = PatchSampler(train_pairs, arch.scale, cfg.patch, cfg.seed)
+    sampler = PatchSampler(train_pairs, arch.scale, cfg.patch, cfg.seed, cfg.context)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     log(f"{arch.name}: x{arch.scale} C{arch.channels} D{arch.depth} {arch.block}, {macs_per_pixel(arch)} MACs/px, "
         f"{sum(p.numel() for p in net.parameters())} trainable params; {len(train_pairs)} training images, "
@@ -85,9 +91,9 @@ def train(arch: ArchSpec, train_pairs: list[Pair], val_pairs: list[Pair], cfg: T
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        lr_batch, hr_batch = sampler.batch(cfg.batch)
+        lr_batch, hr_batch, mask = sampler.batch(cfg.batch)
         x = torch.from_numpy(lr_batch).contiguous(memory_format=torch.channels_last)
-        loss = torch.nn.functional.l1_loss(net(x), torch.from_numpy(hr_batch))
+        loss = masked_l1(net(x), torch.from_numpy(hr_batch), torch.from_numpy(mask))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
