@@ -25,10 +25,22 @@ def version() -> str:
         return "superres (version unknown: not installed)"
 
 
+class _Version(argparse.Action):
+    """--version, the package metadata read only when asked (importlib.metadata costs ~30 ms of every start)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default,
+                         help=help or "show the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version())  # on stdout, as argparse's own version action
+        parser.exit()
+
+
 def _common_options() -> argparse.ArgumentParser:
     """On every subcommand (and the top level): --version, -q/--quiet, -v/--verbose."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--version", action="version", version=version())
+    p.add_argument("--version", action=_Version)
     loud = p.add_mutually_exclusive_group()
     loud.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="WARNING",
                       default=argparse.SUPPRESS, help="warnings and errors only (SUPERRES_LOG_LEVEL=WARNING)")

@@ -140,6 +140,18 @@ class Variants:
     def finish(self, job):
         return self._of.get(job.src, self.base).finish(job)
 
+    def finish_many(self, jobs):
+        """Each variant's items published together, the results in the order given."""
+        results = [None] * len(jobs)
+        groups: dict[int, tuple] = {}
+        for i, job in enumerate(jobs):
+            processor = self._of.get(job.src, self.base)
+            groups.setdefault(id(processor), (processor, []))[1].append(i)
+        for processor, indexes in groups.values():
+            for i, result in zip(indexes, processor.finish_many([jobs[i] for i in indexes])):
+                results[i] = result
+        return results
+
     def __getattr__(self, name):  # anything else the runner asks of "the processor" is the base's
         return getattr(self.base, name)
 

@@ -12,9 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import urllib.error
-import urllib.request
-from http.client import HTTPException
 from pathlib import Path
 
 from models.catalog import CATALOG, ModelSpec
@@ -169,6 +166,8 @@ def _fsync_dir(directory: Path) -> None:
 
 def _download_to(spec: ModelSpec, url: str, tmp: Path, timeout_s: float) -> _Digests:
     """Stream `url` into `tmp`, hashing as it goes; raise DownloadError for anything but a complete body."""
+    import urllib.request
+
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     limit = spec.size if spec.size is not None else _MAX_UNKNOWN_SIZE
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -229,6 +228,9 @@ def pull(
     except OSError as exc:
         raise DownloadError(f"cannot write model dir {model_dir}: {exc}") from exc
     tmp = Path(tmp_name)
+    # only `models pull` downloads: every other start is spared http.client and email (~20 ms)
+    import urllib.error
+    from http.client import HTTPException
 
     try:
         try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image, ImageCms, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import InputRejected
 from pipeline.formats import FORMATS, REQUESTABLE, Format, format_named, requested as requested_format
@@ -236,6 +236,8 @@ def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
     """CMYK -> sRGB through its ICC profile when it has one (printer profiles differ a lot), else Pillow's formula."""
     icc = img.info.get("icc_profile")
     if icc:
+        from PIL import ImageCms  # CMYK with a profile only: ~15 ms of every start otherwise
+
         try:
             src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
             return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGB")

@@ -132,6 +132,28 @@ def output_intact(recorded_etag: str | None, current_etag: str | None) -> bool:
     return current_etag is not None and recorded_etag is not None and current_etag == recorded_etag
 
 
+@dataclass(frozen=True)
+class Publishing:
+    """One item's move to publishing (Ledger.mark_publishing_many)."""
+
+    key: str
+    generation: int
+    temp: str | None
+
+
+@dataclass(frozen=True)
+class Done:
+    """One item's move to done, with its source settled (Ledger.mark_done_many)."""
+
+    key: str
+    generation: int
+    source: str
+    fingerprint: str | None
+    sha256: str
+    output: str
+    output_etag: str
+
+
 class Ledger(Protocol):
     """What the pipeline needs from a ledger backend. Each call is atomic in the backend.
 
@@ -151,9 +173,16 @@ class Ledger(Protocol):
     def mark_publishing(self, key: str, generation: int, temp: str | None) -> None:
         """claimed -> publishing, engine_runs+1; `temp` is where the staged output waits (None if none)."""
 
+    def mark_publishing_many(self, items: list[Publishing]) -> list[ClaimLost | None]:
+        """mark_publishing for several items at once (SQLite: one transaction): each item's ClaimLost or None."""
+
     def mark_done(self, key: str, generation: int, *, source: str, fingerprint: str | None, sha256: str,
                   output: str, output_etag: str) -> None:
         """-> done with the output's identity, and the source settled as done."""
+
+    def mark_done_many(self, items: list[Done]) -> list[ClaimLost | None]:
+        """mark_done for several items at once (SQLite: one durable transaction, the writer's group commit):
+        each item's ClaimLost or None."""
 
     def mark_item_done(self, key: str, output_etag: str) -> None:
         """-> done without a source (start-up recovery of an orphaned publish)."""

@@ -11,12 +11,12 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from pipeline import codec
 from pipeline.errors import EngineFailure, InputRejected, SuperresError, TransientError
-from pipeline.ledger import (ClaimBusy, ClaimLost, ClaimOutcome, Ledger, SourceRow, dedup_key, output_intact,
-                             output_variant, request_id)
+from pipeline.ledger import (ClaimBusy, ClaimLost, ClaimOutcome, Done, Ledger, Publishing, SourceRow, dedup_key,
+                             output_intact, output_variant, request_id)
 from pipeline.limits import Limits
 from pipeline.transform import Plan, Transform, TransformOptions
 
@@ -36,12 +36,23 @@ class InputObject(Protocol):
     def dispose(self, disposition: str) -> None: ...  # keep | move | delete: only the very bytes read
 
 
+class Commit(NamedTuple):
+    """One staged output to publish under `rel` (Place.commit_many)."""
+
+    staged: object
+    rel: str
+    content_type: str
+    metadata: dict
+
+
 class Place(Protocol):
     def url(self, rel: str) -> str: ...  # refuses names the place cannot hold (InputRejected)
     def name(self, url: str) -> str: ...
     def etag(self, url: str) -> str | None: ...  # the identity of what is there now; None: nothing
     def stage(self, data: bytes, tag: str): ...
     def commit(self, staged, rel: str, *, content_type: str, metadata: dict[str, str]) -> str: ...
+    def commit_many(self, commits: list[Commit]) -> list[str | Exception]: ...  # each one's URL or error
+    def discard(self, staged) -> None: ...  # a staged output that will not be published
     def finish_staged(self, token: str | None, url: str) -> bool: ...
     def copy(self, from_url: str, rel: str) -> str: ...
     def put_failure(self, rel: str, record: dict, data: bytes | None) -> str: ...  # a new, unique record
@@ -84,6 +95,8 @@ class Job:
     image: codec.DecodedImage | None = None
     frames: list | None = None
     encoded: bytes | None = None  # the output's bytes, once encoded
+    staged: object = None  # the Place's Staged: the encoded bytes where the publish renames (or PUTs) them from
+    output_pixels: int = 0
     error: BaseException | None = None
     timings: dict = field(default_factory=dict)
     on_progress: object = None  # (tiles_done, tiles_total) of this item, from the engine's thread
@@ -346,57 +359,127 @@ class Processor:
     # -- phase 3: encode, publish, ledger, disposition -------------------------------------------------------------
 
     def encode(self, job: "Job") -> None:
-        """Encode the upscaled frames: the bytes, or the error, land on the job. On its own so that the stage
-        runner's encoders can run it on several items at once; `finish` publishes in order."""
-        if job.error is not None or job.encoded is not None:
+        """Encode the upscaled frames and stage the bytes (locally: written and fsynced under a temporary name):
+        the staged output, or the error, lands on the job. On its own so that the stage runner's encoders run it
+        on several items at once, off the writer's path; `finish_many` publishes in order."""
+        if job.error is not None or job.staged is not None:
             return
         t = time.perf_counter()
         try:
             job.encoded = self.transform.encode(job.image, job.frames, job.plan)
+            job.timings["encode"] = time.perf_counter() - t
+            t = time.perf_counter()
+            # the temporary name is this item's (content and settings) and this process's: nobody else writes it
+            job.staged = self.outbox.stage(job.encoded, self._tag(job))
+            job.timings["stage"] = time.perf_counter() - t
+            # what the publish needs is staged: the pixels go now, so a group waiting for the writer is small
+            job.output_pixels = sum(f.shape[0] * f.shape[1] for f in job.frames)
+            job.image = job.frames = job.encoded = None
         except Exception as exc:  # noqa: BLE001 - settled by finish, as any error of the item
             job.error = exc
-        job.timings["encode"] = time.perf_counter() - t
+
+    @staticmethod
+    def _tag(job: "Job") -> str:
+        return hashlib.sha256(job.key.encode()).hexdigest()[:32]
 
     def finish(self, job: "Job") -> Result:
-        src = job.src
+        return self.finish_many([job])[0]
+
+    def finish_many(self, jobs: list["Job"]) -> list[Result]:
+        """Publish several encoded items at once, in order: one ledger transaction marks them publishing, the
+        renames share one folder fsync, one synced transaction marks them done (the group commit that keeps the
+        writer ahead of the engine on small images). Each item's failure is its own; the others go on."""
+        results: list[Result | None] = [None] * len(jobs)
+        live: list[int] = []
+
+        def fail(i: int, exc: BaseException) -> None:
+            results[i] = self._settle_error(jobs[i], exc)
+
+        for i, job in enumerate(jobs):
+            try:
+                if job.error is not None:
+                    raise job.error
+                self._check_claim(job)
+                self.encode(job)  # already done where the stage runner's encoders did it
+                if job.error is not None:
+                    raise job.error
+                live.append(i)
+            except BaseException as exc:
+                fail(i, exc)
+        t = time.perf_counter()
+        # fenced: a process that lost its claim stops here, before the outbox is touched
+        live = self._each(live, fail, lambda: self.ledger.mark_publishing_many(
+            [Publishing(jobs[i].key, jobs[i].generation, jobs[i].staged.token) for i in live]))
+        commits = [Commit(jobs[i].staged, jobs[i].rel_out, jobs[i].plan.content_type, self._metadata(jobs[i]))
+                   for i in live]
+        urls = dict(zip(live, self.outbox.commit_many(commits)))
+        live = self._each(live, fail, lambda: [urls[i] if isinstance(urls[i], Exception) else None for i in live])
+        etags = {i: self.outbox.etag(urls[i]) for i in live}
+        live = self._each(live, fail, lambda: [
+            None if etags[i] else TransientError(f"{urls[i]} is not there right after its publish", stage="publish")
+            for i in live])
+        live = self._done_many([jobs[i] for i in live], [urls[i] for i in live], [etags[i] for i in live],
+                               live, fail)
+        share = (time.perf_counter() - t) / max(1, len(live))
+        for i in live:
+            job = jobs[i]
+            job.timings["publish"] = share
+            results[i] = Result(job.src, "done", urls[i], seconds=job.timings, output_pixels=job.output_pixels,
+                                sha256=job.sha)
+        return results
+
+    @staticmethod
+    def _each(live: list[int], fail, step) -> list[int]:
+        """Run one step of a group (`step()` gives each live item's error or None); the items still live."""
+        if not live:
+            return live
         try:
-            if job.error is not None:
-                raise job.error
-            self._check_claim(job)
-            self.encode(job)  # already done where the stage runner's encoders did it
-            if job.error is not None:
-                raise job.error
-            encoded = job.encoded
-            t = time.perf_counter()
-            tag = hashlib.sha256(job.key.encode()).hexdigest()[:32]  # this item: content and settings
-            staged = self.outbox.stage(encoded, tag)
-            # fenced: a process that lost its claim stops here, before the outbox is touched
-            self.ledger.mark_publishing(job.key, job.generation, staged.token)
-            metadata = {"source-sha256": job.sha, "model": self.spec.name, "superres-item": tag,
-                        **src.metadata(job.sha, self.spec.name)}
-            out_url = self.outbox.commit(staged, job.rel_out, content_type=job.plan.content_type, metadata=metadata)
-            etag = self.outbox.etag(out_url)
-            if etag is None:
-                raise TransientError(f"{out_url} is not there right after its publish", stage="publish")
-            self._done(job, out_url, etag)
-            job.timings["publish"] = time.perf_counter() - t
-            pixels = sum(f.shape[0] * f.shape[1] for f in job.frames)
-            return Result(src, "done", out_url, seconds=job.timings, output_pixels=pixels, sha256=job.sha)
-        except BaseException as exc:
-            return self._settle_error(job, exc)
+            errors = step()
+        except Exception as exc:  # noqa: BLE001 - the whole step failed (the ledger is unreachable): every item
+            errors = [exc] * len(live)
+        still = []
+        for i, error in zip(live, errors):
+            if error is None:
+                still.append(i)
+            else:
+                fail(i, error)
+        return still
+
+    def _metadata(self, job: "Job") -> dict[str, str]:
+        return {"source-sha256": job.sha, "model": self.spec.name, "superres-item": self._tag(job),
+                **job.src.metadata(job.sha, self.spec.name)}
 
     def _check_claim(self, job: "Job") -> None:
         if job.key in self._lost:
             raise ClaimLost(f"the claim on {job.key} was taken over while the item was in work")
 
     def _done(self, job: "Job", out_url: str, etag: str) -> None:
-        """Settle the item and its source as done, then dispose of the input."""
-        self._clear_failure(job)
-        self.ledger.mark_done(job.key, job.generation, source=job.src.id, fingerprint=job.fingerprint,
-                              sha256=job.sha, output=out_url, output_etag=etag)
-        self._gave_back(job)
-        self._let_go(job)
-        job.src.dispose(self.opt.disposition)
+        """Settle one item and its source as done, then dispose of the input (raises what went wrong)."""
+        errors: list[BaseException] = []
+        if not self._done_many([job], [out_url], [etag], [0], lambda i, exc: errors.append(exc)):
+            raise errors[0]
+
+    def _done_many(self, jobs: list["Job"], urls: list[str], etags: list[str], ids: list[int], fail) -> list[int]:
+        """Settle items and their sources as done in one synced ledger transaction, then dispose of the inputs;
+        `fail(id, exc)` for each that could not be. The ids of those done."""
+        for job in jobs:
+            self._clear_failure(job)
+        marks = [Done(job.key, job.generation, job.src.id, job.fingerprint, job.sha, url, etag)
+                 for job, url, etag in zip(jobs, urls, etags)]
+        by_id = dict(zip(ids, jobs))
+        done = self._each(list(ids), fail, lambda: self.ledger.mark_done_many(marks))
+        disposed = []
+        for i in done:
+            job = by_id[i]
+            self._gave_back(job)
+            self._let_go(job)
+            try:
+                job.src.dispose(self.opt.disposition)
+            except Exception as exc:  # noqa: BLE001 - that item's, as before the group commit
+                fail(i, exc)
+                continue
+            disposed.append(i)
+        return disposed
 
     def _remove_failure(self, where: str) -> None:
         try:
@@ -430,6 +513,12 @@ class Processor:
     def _settle_error(self, job: "Job", exc: BaseException) -> Result:
         """Any error ends the job: release our claim (a staged output of ours is dropped with it: the item is
         upscaled again), then record it."""
+        if job.staged is not None:
+            try:
+                self.outbox.discard(job.staged)
+            except Exception as discard_error:  # noqa: BLE001 - a leftover temp is swept at the next start
+                log.warning("could not remove a staged output: %s", discard_error)
+            job.staged = None
         if job.claimed:
             try:
                 self.ledger.release(job.key, job.generation)

@@ -2,7 +2,8 @@
 takes their results; the Processor's phases run overlapped on their own threads.
 
     submit(src) -> [incoming, queue_max] -> reader: prepare -> [depth] -> engine: run_engine_many
-                -> encoders (a small pool): encode -> [depth] -> writer: finish (publish, ledger) -> the Future
+                -> encoders (a small pool): encode, stage -> [depth] -> writer: finish_many (publish, ledger, in
+                   groups of the items ready together) -> the Futures
 
 Queues are bounded: memory holds at most about 2*depth+3 decoded items plus the encoders' (a GPU: 3 groups),
 whatever the number submitted (backpressure: `submit` blocks, or raises `Full` when asked not to). One reader,
@@ -19,6 +20,7 @@ import logging
 import os
 import queue
 import threading
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from pipeline.process import Job, Processor, Result
@@ -26,6 +28,7 @@ from pipeline.process import Job, Processor, Result
 log = logging.getLogger("superres")
 
 _END = object()
+WRITE_GROUP = 16  # items the writer publishes together at most (one ledger commit, one folder fsync)
 
 
 def encode_threads() -> int:
@@ -159,19 +162,52 @@ class StageRunner:
         self._finished.put(_END)
 
     def _write(self) -> None:
-        while (item := self._finished.get()) is not _END:
-            job = item.job
-            if isinstance(job, BaseException):
-                self._escaped(item, job)
-                continue
+        """Publish in submission order, in groups: each round takes the oldest item (waiting for its encoding)
+        and the ones after it that are already encoded, up to WRITE_GROUP, and publishes them together (one
+        ledger commit, one folder fsync: Processor.finish_many). When the writer keeps up a group is one item;
+        when publishing is slower than the engine (small images, fsyncs) groups grow and the cost is shared."""
+        held: deque[_Item] = deque()
+        ended = False
+        while held or not ended:
+            if not held:
+                if (item := self._finished.get()) is _END:
+                    ended = True
+                    continue
+                held.append(item)
+            while not ended and len(held) < WRITE_GROUP:
+                try:
+                    item = self._finished.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _END:
+                    ended = True
+                else:
+                    held.append(item)
+            group = [held.popleft()]
+            while held and len(group) < WRITE_GROUP and (held[0].encoded is None or held[0].encoded.done()):
+                group.append(held.popleft())
+            self._write_group(group)
+
+    def _write_group(self, group: list[_Item]) -> None:
+        outcomes: dict[int, "Result | BaseException"] = {}
+        for item in group:
+            if item.encoded is not None:
+                try:
+                    item.encoded.result()  # the oldest may still be encoding; an encoding error is on the job
+                except BaseException as exc:  # noqa: BLE001
+                    outcomes[id(item)] = exc
+        todo = [item for item in group if isinstance(item.job, Job) and id(item) not in outcomes]
+        if todo:
             try:
-                if item.encoded is not None:
-                    item.encoded.result()  # in submission order; an encoding error is on the job
-                result = job if isinstance(job, Result) else self.processor.finish(job)
-            except BaseException as exc:  # noqa: BLE001
-                self._escaped(item, exc)
-                continue
-            self._settle(item, result)
+                outcomes.update(zip(map(id, todo), self.processor.finish_many([item.job for item in todo])))
+            except BaseException as exc:  # noqa: BLE001 - handed to the submitters through the Futures
+                outcomes.update((id(item), exc) for item in todo)
+        for item in group:
+            outcome = item.job if not isinstance(item.job, Job) else outcomes[id(item)]
+            if isinstance(outcome, BaseException):
+                self._escaped(item, outcome)
+            else:
+                self._settle(item, outcome)
 
 
 def in_flight_for(processor: Processor, asked: int = 0) -> int:

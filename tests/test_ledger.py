@@ -5,8 +5,8 @@ import socket
 import pytest
 
 from pipeline.adapters.sqlite_ledger import SQLiteLedger, owner_alive
-from pipeline.ledger import (PIPELINE_VERSION, ClaimLost, ClaimOutcome, ItemRow, decide_claim, dedup_key, holds,
-                             output_intact, output_variant, request_id)
+from pipeline.ledger import (PIPELINE_VERSION, ClaimLost, ClaimOutcome, Done, ItemRow, Publishing, decide_claim,
+                             dedup_key, holds, output_intact, output_variant, request_id)
 
 ME, OTHER = "host:1", "host:2"
 
@@ -85,6 +85,25 @@ def test_sqlite_ledger_life_of_an_item(tmp_path):
     assert (source.outcome, source.fingerprint, source.output_etag) == ("done", "3:7|r", "e1")
     assert ledger.source("/in/zzz") is None
     assert ledger.item("k").engine_runs == 1
+
+
+def test_a_group_is_marked_together_and_a_lost_claim_fails_only_itself(tmp_path):
+    ledger = SQLiteLedger(tmp_path / "l.sqlite3")
+    rows = {k: ledger.claim(k, source=f"/in/{k}", output=f"/out/{k}")[1] for k in "abc"}
+    stale = rows["b"].generation + 1  # as if "b" had been taken over since
+    publishing = [Publishing("a", rows["a"].generation, "/t/a"), Publishing("b", stale, "/t/b"),
+                  Publishing("c", rows["c"].generation, "/t/c")]
+    lost = ledger.mark_publishing_many(publishing)
+    assert lost[0] is None and isinstance(lost[1], ClaimLost) and lost[2] is None
+    assert [ledger.item(k).state for k in "abc"] == ["publishing", "claimed", "publishing"]
+    marks = [Done(k, rows[k].generation if k != "b" else stale, f"/in/{k}", None, "ab", f"/out/{k}", f"e-{k}")
+             for k in "abc"]
+    lost = ledger.mark_done_many(marks)
+    assert lost[0] is None and isinstance(lost[1], ClaimLost) and lost[2] is None
+    assert [ledger.item(k).state for k in "abc"] == ["done", "claimed", "done"]
+    assert ledger.source("/in/a").outcome == "done" and ledger.source("/in/b") is None
+    with pytest.raises(ClaimLost):  # the one-item calls say it by raising
+        ledger.mark_done("b", stale, source="/in/b", fingerprint=None, sha256="ab", output="/out/b", output_etag="e")
 
 
 def test_a_dead_owners_claim_is_taken_over_and_a_live_one_is_not(tmp_path):

@@ -1,6 +1,7 @@
 """The stage runner every driver submits into: many producers, bounded waiting, progress per item, results per
 item, a clean close; and the bytes -> bytes transform that every driver runs."""
 
+import sqlite3
 import threading
 
 import cv2
@@ -44,6 +45,43 @@ def test_several_producers_get_each_its_own_result(tmp_path, small_images):
         h, w = cv2.imread(str(by_name[name])).shape[:2]
         assert cv2.imread(r.output).shape[:2] == (2 * h, 2 * w)
     assert runner.pending() == 0
+
+
+def test_a_busy_writer_publishes_in_groups_and_a_lost_claim_costs_only_its_item(tmp_path, small_images):
+    processor = processor_for(tmp_path, "out")
+    images = small_images[:6]
+    encoded = threading.Semaphore(0)
+    sizes: list[int] = []
+    real_encode, real_finish = processor.encode, processor.finish_many
+
+    def encode(job):
+        real_encode(job)
+        encoded.release()
+
+    def finish_many(jobs):
+        sizes.append(len(jobs))
+        if len(sizes) == 1:  # the writer is slow once: the next items are encoded meanwhile and wait for it
+            for _ in range(4):  # this one, two queued, one held by the engine thread (the queues are 2 deep)
+                assert encoded.acquire(timeout=120)
+            # the third input's claim is taken over meanwhile (another process, after a long pause of ours)
+            db = sqlite3.connect(processor.ledger.path)
+            with db:
+                db.execute("UPDATE items SET generation=generation+1 WHERE source=?", (str(images[2]),))
+            db.close()
+        return real_finish(jobs)
+
+    processor.encode, processor.finish_many = encode, finish_many
+    runner = StageRunner(processor, depth=2)
+    futures = [runner.submit(LocalFile(p, p.name)) for p in images]
+    results = [f.result(timeout=120) for f in futures]
+    runner.close()
+    processor.close()
+    assert sizes[0] == 1 and max(sizes) >= 2 and sum(sizes) == len(images)  # later items shared a commit
+    assert [r.outcome for r in results] == ["done", "done", "lost-claim", "done", "done", "done"]
+    assert not (tmp_path / "out" / images[2].name).exists()  # fenced before the outbox was touched
+    for r in results[:2] + results[3:]:
+        assert cv2.imread(r.output) is not None
+    assert not list((tmp_path / "out" / ".superres" / "tmp").iterdir())  # the lost one's staged output too
 
 
 def test_a_full_queue_is_refused_at_once_when_asked_not_to_wait(tmp_path, small_images):

@@ -445,10 +445,10 @@ def settle_once(tmp_path: Path, disposition: str, log_name: str, done) -> str:
 # each once lost or repeated something (found by this test): the staged output was removed before recovery,
 # a second failure record was left, a failed input stayed in the inbox, a stale failure record stayed
 KILL_POINTS = [
-    pytest.param("good", "keep", f"after:{LEDGER}.mark_publishing", id="staged-publishing-not-renamed"),
-    pytest.param("replaced", "keep", f"after:{LEDGER}.mark_publishing", id="replaced-staged-publishing-not-renamed"),
-    pytest.param("good", "keep", f"after:{PLACE}.commit", id="renamed-ledger-not-done"),
-    pytest.param("good", "move", f"after:{LEDGER}.mark_done", id="done-not-moved"),
+    pytest.param("good", "keep", f"after:{LEDGER}.mark_publishing_many", id="staged-publishing-not-renamed"),
+    pytest.param("replaced", "keep", f"after:{LEDGER}.mark_publishing_many", id="replaced-staged-publishing-not-renamed"),
+    pytest.param("good", "keep", f"after:{PLACE}.commit_many", id="renamed-ledger-not-done"),
+    pytest.param("good", "move", f"after:{LEDGER}.mark_done_many", id="done-not-moved"),
     pytest.param("bad", "keep", f"after:{PLACE}.put_failure", id="failure-record-written-ledger-not"),
     pytest.param("bad", "move", f"after:{LEDGER}.record_source", id="failed-recorded-input-not-moved"),
     pytest.param("fixed", "keep", f"before:{PLACE}.remove_failure", id="succeeded-old-record-not-removed"),

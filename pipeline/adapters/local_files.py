@@ -369,6 +369,34 @@ class LocalPlace:
         commit_temp(self._staged(staged.token)[1], final)
         return str(final)
 
+    def discard(self, staged: Staged) -> None:
+        """A staged output that will not be published (its item failed, or its claim was lost)."""
+        self._staged(staged.token)[1].unlink(missing_ok=True)
+
+    def commit_many(self, commits: list) -> list[str | Exception]:
+        """Rename each staged file to its name, then fsync each folder once: the renames of a group share that
+        fsync (the writer's group commit). `commits`: the Processor's Commit (staged, rel, ...); each output's
+        path, or its error."""
+        outcomes: list[str | Exception] = []
+        folders: dict[Path, list[int]] = {}
+        for i, c in enumerate(commits):
+            final = self.root / c.rel
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self._staged(c.staged.token)[1], final)
+            except OSError as exc:
+                outcomes.append(exc)
+                continue
+            outcomes.append(str(final))
+            folders.setdefault(final.parent, []).append(i)
+        for folder, indexes in folders.items():
+            try:
+                fsync_dir(folder)
+            except OSError as exc:
+                for i in indexes:
+                    outcomes[i] = exc
+        return outcomes
+
     def finish_staged(self, token: str | None, url: str) -> bool:
         """After a crash between fsync and rename: rename a temp file still there. True if the output is now
         the one staged (renamed now, or before the crash: the same inode); an older file at the name is not."""

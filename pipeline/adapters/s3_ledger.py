@@ -25,7 +25,7 @@ from dataclasses import asdict, replace
 
 from pipeline.adapters.aws_errors import CONFLICT, MISSING, AwsFailure, call
 from pipeline.errors import TransientError
-from pipeline.ledger import ClaimLost, ClaimOutcome, ItemRow, SourceRow, decide_claim, holds
+from pipeline.ledger import ClaimLost, ClaimOutcome, Done, ItemRow, Publishing, SourceRow, decide_claim, holds
 
 _TRIES = 20  # conditional-write retries before giving up; losers of a race need one or two
 _DELETE = object()  # what a change returns to delete the row
@@ -43,6 +43,14 @@ def _sha(text: str) -> str:
 def _transient(failure: AwsFailure) -> TransientError:
     # every ledger error is a retry later: a missing or refused ledger bucket is a set-up error, never an input's
     return TransientError(f"S3 ledger: {failure}", stage="dedup", code=failure.kind)
+
+
+def _lost_or_none(mark, *args, **kwargs) -> ClaimLost | None:
+    try:
+        mark(*args, **kwargs)
+    except ClaimLost as lost:
+        return lost
+    return None
 
 
 class S3Ledger:
@@ -228,6 +236,14 @@ class S3Ledger:
             raise ClaimLost(f"the claim on {key} was taken over before it was done")
         self.record_source(source, fingerprint=fingerprint, sha256=sha256, key=key, outcome="done",
                            output=output, detail=None, output_etag=output_etag)
+
+    def mark_publishing_many(self, items: list[Publishing]) -> list[ClaimLost | None]:
+        return [_lost_or_none(self.mark_publishing, p.key, p.generation, p.temp) for p in items]
+
+    def mark_done_many(self, items: list[Done]) -> list[ClaimLost | None]:
+        # one conditional PUT per row (S3 has no transaction over objects)
+        return [_lost_or_none(self.mark_done, d.key, d.generation, source=d.source, fingerprint=d.fingerprint,
+                              sha256=d.sha256, output=d.output, output_etag=d.output_etag) for d in items]
 
     def mark_item_done(self, key: str, output_etag: str) -> None:
         self._change(key, lambda r: replace(r, state="done", temp=None, output_etag=output_etag))

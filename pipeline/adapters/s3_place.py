@@ -94,6 +94,19 @@ class S3Place:
         self.objects.publish(self.bucket, key, staged.data, content_type=content_type, metadata=metadata)
         return f"s3://{self.bucket}/{key}"
 
+    def discard(self, staged: Staged) -> None:
+        """Nothing was written before the PUT."""
+
+    def commit_many(self, commits: list) -> list[str | Exception]:
+        """One PUT each (each atomic on its own): each object's URL, or its error."""
+        outcomes: list[str | Exception] = []
+        for c in commits:
+            try:
+                outcomes.append(self.commit(c.staged, c.rel, content_type=c.content_type, metadata=c.metadata))
+            except Exception as exc:  # noqa: BLE001 - that item's: settled by the Processor
+                outcomes.append(exc)
+        return outcomes
+
     def finish_staged(self, token: str | None, url: str) -> bool:
         """The PUT happened whole or not at all: True if the object there is the one this item put (its
         `superres-item` metadata), not an older one at the same name."""
