@@ -40,6 +40,10 @@ class ModelSpec:
     context_px: int  # LR pixels of context needed on each side (receptive radius): the minimum tile overlap
     macs_per_pixel: int  # approx multiply-accumulates per input pixel (DESIGN.md "Facts measured")
     fastest_cpu_engine: str = "opencv"  # measured (docs/benchmarks.md): what `--engine auto` takes on a CPU
+    # onnxruntime on a CPU: its blocked (NCHWc) conv layouts, ORT_ENABLE_ALL. Measured per family: faster where
+    # convs are 32+ channels wide (ESPCN, LapSRN, EDSR, quality), 1.3-1.6x slower on FSRCNN, whose 12- and
+    # 56-channel convs alternate with PReLUs that force a reorder each side (docs/benchmarks.md)
+    onnxruntime_blocked: bool = True
     license: str = "Apache-2.0"
     file_format: str = "pb"  # "pb" (TensorFlow GraphDef) | "onnx"
     bundled: bool = False  # shipped in the package (models/weights/), not downloaded: `url` is empty
@@ -100,8 +104,9 @@ def _spec(
         macs_per_pixel=macs_per_pixel,
         # measured on 500x500 inputs (docs/benchmarks.md): onnxruntime 1.4-3.9x cv2.dnn on every family, EDSR-
         # structured graphs included (2.3x at 64 channels, 1.5x at EDSR's 256); torch at most 1.6x, and its
-        # import costs a second. auto still takes OpenCV for one-shot runs too small to pay onnxruntime's start-up.
+        # import costs a second
         fastest_cpu_engine="onnxruntime",
+        onnxruntime_blocked=algorithm != "fsrcnn",
     )
 
 

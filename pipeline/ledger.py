@@ -163,6 +163,7 @@ class Ledger(Protocol):
 
     owner: str
     lease_s: float
+    shares_commits: bool  # several marks in one call cost about one (one transaction): the writer groups items
 
     def claim(self, key: str, *, source: str, output: str) -> tuple[ClaimOutcome, ItemRow | None]:
         """Apply `decide_claim`; on NEW or RESUME_PUBLISH the row is ours (owner, generation+1, lease)."""

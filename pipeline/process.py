@@ -21,6 +21,7 @@ from pipeline.limits import Limits
 from pipeline.transform import Plan, Transform, TransformOptions
 
 log = logging.getLogger("superres.pipeline")
+WRITE_GROUP = 8  # at most, below the long-running modes' items in flight (stages.in_flight_for)
 
 # exceptions of the network libraries that escaped an adapter: a later try may work, the input is not at fault
 _NETWORK_MODULES = ("botocore", "boto3", "s3transfer", "urllib3", "http.client", "ssl", "socket")
@@ -46,6 +47,7 @@ class Commit(NamedTuple):
 
 
 class Place(Protocol):
+    shares_commits: bool  # several commits cost about one (one folder fsync): the writer publishes in groups
     def url(self, rel: str) -> str: ...  # refuses names the place cannot hold (InputRejected)
     def name(self, url: str) -> str: ...
     def etag(self, url: str) -> str | None: ...  # the identity of what is there now; None: nothing
@@ -166,6 +168,10 @@ class Processor:
         if options.suffix:  # another output name: a source done without it is not done with it
             self.request += f"|suffix={options.suffix}"
         self.batch = self.transform.batch
+        # items the stage runner's writer publishes together: where the ledger and the outbox share commits
+        # (SQLite, a local folder: one fsync for many); one at a time where each write is its own (S3), so no
+        # result waits for another's upload
+        self.write_group = WRITE_GROUP if ledger.shares_commits and outbox.shares_commits else 1
         self.tile = self.transform.tile
         self.engine_failure: str | None = None  # set once the engine failed on a valid input: the process is sick
         # progress(tiles_done, tiles_total) during each engine run, on the engine's thread (the one-shot's bar)

@@ -28,7 +28,6 @@ from pipeline.process import Job, Processor, Result
 log = logging.getLogger("superres")
 
 _END = object()
-WRITE_GROUP = 16  # items the writer publishes together at most (one ledger commit, one folder fsync)
 
 
 def encode_threads() -> int:
@@ -163,18 +162,19 @@ class StageRunner:
 
     def _write(self) -> None:
         """Publish in submission order, in groups: each round takes the oldest item (waiting for its encoding)
-        and the ones after it that are already encoded, up to WRITE_GROUP, and publishes them together (one
+        and the ones after it that are already encoded, up to the Processor's write_group, and publishes them together (one
         ledger commit, one folder fsync: Processor.finish_many). When the writer keeps up a group is one item;
         when publishing is slower than the engine (small images, fsyncs) groups grow and the cost is shared."""
         held: deque[_Item] = deque()
         ended = False
+        most = max(1, self.processor.write_group)
         while held or not ended:
             if not held:
                 if (item := self._finished.get()) is _END:
                     ended = True
                     continue
                 held.append(item)
-            while not ended and len(held) < WRITE_GROUP:
+            while not ended and len(held) < most:
                 try:
                     item = self._finished.get_nowait()
                 except queue.Empty:
@@ -184,7 +184,7 @@ class StageRunner:
                 else:
                     held.append(item)
             group = [held.popleft()]
-            while held and len(group) < WRITE_GROUP and (held[0].encoded is None or held[0].encoded.done()):
+            while held and len(group) < most and (held[0].encoded is None or held[0].encoded.done()):
                 group.append(held.popleft())
             self._write_group(group)
 

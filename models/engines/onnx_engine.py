@@ -4,8 +4,9 @@ and post-processing from `dnn_superres_io`. Within 1 level of the OpenCV engine 
 the EDSR-structured graph); 1.5-3x faster than cv2.dnn on a CPU (docs/benchmarks.md).
 
 Execution providers, from `device` and `precision`:
-- cpu: CPUExecutionProvider, fp32, all graph optimisations (onnxruntime's NCHWc conv layouts), threads not
-  spinning between runs (the decode and encode stages share the cores);
+- cpu: CPUExecutionProvider, fp32, all graph optimisations, the NCHWc conv layouts only where the model's
+  family is faster with them (`ModelSpec.onnxruntime_blocked`), threads not spinning between runs (the decode
+  and encode stages share the cores);
 - cuda: TensorrtExecutionProvider (fp16 when precision is fp16, engines cached beside the ONNX cache, one
   optimisation profile for tiles up to `TRT_MAX_SIDE`) where this onnxruntime build has it, then
   CUDAExecutionProvider (on a graph exported in fp16 for precision fp16). If neither ends up in the session,
@@ -95,7 +96,11 @@ class OnnxRuntimeEngine(DnnSuperResIO):
         providers = provider_list(device, precision, available_providers(), cache_dir, in_channels,
                                   self.default_batch())
         options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        levels = onnxruntime.GraphOptimizationLevel
+        # ALL adds the blocked conv layouts (NCHWc), a CPU-only rewrite that is faster or slower by model family
+        blocked = spec.onnxruntime_blocked or device != "cpu"
+        options.graph_optimization_level = levels.ORT_ENABLE_ALL if blocked else levels.ORT_ENABLE_EXTENDED
+        self.conv_layout = "nchwc" if blocked else "nchw"
         options.log_severity_level = 3  # warnings about fallbacks are ours to say, in our log
         if threads > 0:
             options.intra_op_num_threads = threads
@@ -145,7 +150,8 @@ class OnnxRuntimeEngine(DnnSuperResIO):
         import onnxruntime
 
         return {"engine": self.name, "device": self.device, "model": self.spec.name, "scale": self.scale,
-                "precision": self.precision, "onnxruntime": onnxruntime.__version__, "providers": self.providers}
+                "precision": self.precision, "onnxruntime": onnxruntime.__version__, "providers": self.providers,
+                "conv_layout": self.conv_layout}
 
     def default_batch(self) -> int:
         return 4 if self.device == "cuda" else 1

@@ -295,11 +295,13 @@ class Staged:
 class LocalPlace:
     """A local folder to publish into (outbox) or set failures aside in. Temporary files live in
     `ROOT/.superres/tmp`, on the same filesystem, named `<tag>.<pid>.tmp` so leftovers can be told apart.
+    The renames of a group share one folder fsync (`shares_commits`).
     Folders are made on the first write: a place never written to leaves nothing behind."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.tmp_dir = self.root / ".superres" / "tmp"
+        self.shares_commits = True
         self._limits: tuple[int, int] | None = None
 
     def name_limits(self) -> tuple[int, int]:

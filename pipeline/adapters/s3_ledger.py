@@ -54,6 +54,8 @@ def _lost_or_none(mark, *args, **kwargs) -> ClaimLost | None:
 
 
 class S3Ledger:
+    shares_commits = False  # one conditional PUT per row whatever the grouping
+
     def __init__(self, client, bucket: str, prefix: str, *, lease_s: float = 600.0, owner: str | None = None) -> None:
         self.client = client
         self.bucket = bucket

@@ -59,6 +59,8 @@ class S3Object:
 class S3Place:
     """A bucket + prefix. A single PUT (or a completed multipart upload) is atomic: nothing to stage."""
 
+    shares_commits = False  # one PUT per object: publishing in groups would only hold results back
+
     def __init__(self, objects: S3Objects, bucket: str, prefix: str):
         self.objects = objects
         self.bucket = bucket
