@@ -165,8 +165,8 @@ _SPECS = [
 # ARCHITECTURES; tests/test_own_models.py checks that each file's layers and checksum are these.
 _OWN = [
     ("fast-x2", 2, 14, 4, 33258, "a3753d1ad01832056fdc6f7ce09b683f6a50423fc2b9f2f90fd249fcd017ce9a"),
-    ("fast-x3", 3, 14, 4, 35920, "3995cd7f94dc8d49da1bc3dce6a14e02d75378b7a60b977c24805b789d4fdba4"),
-    ("fast-x4", 4, 13, 4, 35096, "e0138bc8033d061efbad481f4239232b87aaa801a5246cd3dfb92c3c692d1e5b"),
+    ("fast-x3", 3, 14, 4, 35920, "20e9e0bdd4b0599682a82e838dae737808e687ec42c2b33f5fcb8000837183a1"),
+    ("fast-x4", 4, 13, 4, 35096, "7c275344f5a71fb615b537043b161104cfe49fb9929b3b7f01a5a1c2b3911ce2"),
     ("quality-x2", 2, 32, 8, 305865, "4bd0eb35c742d19e2d85d25575b8f18fea6fd76cf4263a434279336fecb159f8"),
     ("quality-x4", 4, 32, 8, 320021, "417fdfcd780a549a05d481e20b7560fd8a461f1d9865625a4c7dfe7f68268d88"),
     ("quality-x3", 3, 32, 8, 311767, "984abccd08f6e70fbe6d798f6ecb0f89baf1bbe0d333fc1b8e62174e9b28948e"),

@@ -29,6 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--patch", type=int, default=d.patch, help="LR patch side (px)")
     t.add_argument("--context", type=int, default=d.context,
                    help="LR px each side of a patch fed in but left out of the loss, except at image edges")
+    t.add_argument("--shrinks", default="1",
+                   help="scale augmentation: each training image also shrunk by these factors (e.g. 1,0.9,0.8,0.7,0.6)")
+    t.add_argument("--loss", choices=("l1", "l2"), default=d.loss,
+                   help="l1 (the standard); l2 for a last fine-tuning run (PSNR is an l2 measure)")
     t.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (Adam)")
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--eval-every", type=int, default=d.eval_every)
@@ -77,11 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.limit_images:
         training, validation = training[: args.limit_images], validation[:1]
-    cfg = TrainConfig(steps=args.steps, batch=args.batch, patch=args.patch, context=args.context, lr=args.lr, seed=args.seed,
+    cfg = TrainConfig(steps=args.steps, batch=args.batch, patch=args.patch, context=args.context, loss=args.loss, lr=args.lr, seed=args.seed,
                       eval_every=args.eval_every, threads=args.threads, init=args.init)
     log = lambda line: print(line, flush=True)  # noqa: E731
     log(f"making LR x{arch.scale} (MATLAB bicubic) for {len(training)} + {len(validation)} images")
-    net, summary = train(arch, load_pairs(training, arch.scale), load_pairs(validation, arch.scale), cfg, log)
+    shrinks = tuple(float(s) for s in args.shrinks.split(","))
+    net, summary = train(arch, load_pairs(training, arch.scale, shrinks), load_pairs(validation, arch.scale), cfg,
+                         log)
     summary["command"] = "python -m training " + " ".join(argv if argv is not None else sys.argv[1:])
     path = save(net, summary, args.out)
     log(f"wrote {path} (val PSNR {summary['final_val_psnr']:.3f} dB, {summary['cpu_s']:.0f} CPU s)")

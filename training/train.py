@@ -27,6 +27,7 @@ class TrainConfig:
     batch: int = 32
     patch: int = 32  # LR side
     context: int = 0  # LR pixels each side of a patch seen but not in the loss (PatchSampler)
+    loss: str = "l1"  # l1; l2 (mean squared error: what PSNR measures, for a last fine-tuning run)
     lr: float = 2e-3
     lr_min: float = 1e-5
     warmup: int = 200
@@ -44,9 +45,11 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * t))
 
 
-def masked_l1(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean absolute error over the pixels where mask is 1 (all of them without --context)."""
-    return ((out - target).abs() * mask).sum() / mask.sum()
+def masked_loss(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """Mean absolute (l1) or squared (l2) error over the pixels where mask is 1 (all of them without --context)."""
+    error = out - target
+    error = error.abs() if kind == "l1" else error.square()
+    return (error * mask).sum() / mask.sum()
 
 
 def start_from(net: SRNet, state: dict, log: Callable[[str], None]) -> None:
@@ -93,7 +96,7 @@ def train(arch: ArchSpec, train_pairs: list[Pair], val_pairs: list[Pair], cfg: T
             group["lr"] = learning_rate(cfg, step)
         lr_batch, hr_batch, mask = sampler.batch(cfg.batch)
         x = torch.from_numpy(lr_batch).contiguous(memory_format=torch.channels_last)
-        loss = masked_l1(net(x), torch.from_numpy(hr_batch), torch.from_numpy(mask))
+        loss = masked_loss(net(x), torch.from_numpy(hr_batch), torch.from_numpy(mask), cfg.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
