@@ -165,7 +165,7 @@ _SPECS = [
 # ARCHITECTURES; tests/test_own_models.py checks that each file's layers and checksum are these.
 _OWN = [
     ("fast-x2", 2, 14, 4, 33258, "c57e45b04e82e453c7d89da9e37b76df7068c5b9053d382ba50c0468922bf6b9"),
-    ("fast-x3", 3, 14, 4, 35920, "20e9e0bdd4b0599682a82e838dae737808e687ec42c2b33f5fcb8000837183a1"),
+    ("fast-x3", 3, 14, 4, 35920, "e1c1b58b4d721a5cfd621220d1ac9f08183d03077b9a8528fa824761c7e64760"),
     ("fast-x4", 4, 13, 4, 35096, "7c275344f5a71fb615b537043b161104cfe49fb9929b3b7f01a5a1c2b3911ce2"),
     ("quality-x2", 2, 32, 8, 305865, "4bd0eb35c742d19e2d85d25575b8f18fea6fd76cf4263a434279336fecb159f8"),
     ("quality-x4", 4, 32, 8, 320021, "417fdfcd780a549a05d481e20b7560fd8a461f1d9865625a4c7dfe7f68268d88"),
