@@ -162,9 +162,10 @@ class StageRunner:
 
     def _write(self) -> None:
         """Publish in submission order, in groups: each round takes the oldest item (waiting for its encoding)
-        and the ones after it that are already encoded, up to the Processor's write_group, and publishes them together (one
-        ledger commit, one folder fsync: Processor.finish_many). When the writer keeps up a group is one item;
-        when publishing is slower than the engine (small images, fsyncs) groups grow and the cost is shared."""
+        and the ones after it that are already encoded, up to the Processor's write_group, and publishes them
+        together (one ledger commit, one folder fsync: Processor.finish_many). When the writer keeps up a group
+        is one item; when publishing is slower than the engine (small images, fsyncs) groups grow and the cost is
+        shared."""
         held: deque[_Item] = deque()
         ended = False
         most = max(1, self.processor.write_group)
