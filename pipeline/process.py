@@ -394,36 +394,54 @@ class Processor:
     def finish_many(self, jobs: list["Job"]) -> list[Result]:
         """Publish several encoded items at once, in order: one ledger transaction marks them publishing, the
         renames share one folder fsync, one synced transaction marks them done (the group commit that keeps the
-        writer ahead of the engine on small images). Each item's failure is its own; the others go on."""
+        writer ahead of the engine on small images). Each item's failure is its own; the others go on, and an
+        item never leaves here still holding its claim."""
         results: list[Result | None] = [None] * len(jobs)
-        live: list[int] = []
 
         def fail(i: int, exc: BaseException) -> None:
             results[i] = self._settle_error(jobs[i], exc)
 
-        for i, job in enumerate(jobs):
-            try:
-                if job.error is not None:
-                    raise job.error
-                self._check_claim(job)
-                self.encode(job)  # already done where the stage runner's encoders did it
-                if job.error is not None:
-                    raise job.error
-                live.append(i)
-            except BaseException as exc:
-                fail(i, exc)
+        try:
+            self._publish(jobs, results, fail)
+        except Exception as exc:  # noqa: BLE001 - a step that failed outside its items' own errors
+            for i, result in enumerate(results):
+                if result is None:
+                    fail(i, exc)
+        return results
+
+    def _publish(self, jobs: list["Job"], results: list, fail) -> None:
+        def ready(i: int) -> None:
+            job = jobs[i]
+            if job.error is not None:
+                raise job.error
+            self._check_claim(job)
+            self.encode(job)  # already done where the stage runner's encoders did it
+            if job.error is not None:
+                raise job.error
+
+        live = self._each_item(range(len(jobs)), fail, ready)
         t = time.perf_counter()
         # fenced: a process that lost its claim stops here, before the outbox is touched
         live = self._each(live, fail, lambda: self.ledger.mark_publishing_many(
             [Publishing(jobs[i].key, jobs[i].generation, jobs[i].staged.token) for i in live]))
-        commits = [Commit(jobs[i].staged, jobs[i].rel_out, jobs[i].plan.content_type, self._metadata(jobs[i]))
-                   for i in live]
-        urls = dict(zip(live, self.outbox.commit_many(commits)))
+        commits: dict[int, Commit] = {}
+
+        def described(i: int) -> None:
+            job = jobs[i]
+            commits[i] = Commit(job.staged, job.rel_out, job.plan.content_type, self._metadata(job))
+
+        live = self._each_item(live, fail, described)
+        urls = dict(zip(live, self.outbox.commit_many([commits[i] for i in live]))) if live else {}
         live = self._each(live, fail, lambda: [urls[i] if isinstance(urls[i], Exception) else None for i in live])
-        etags = {i: self.outbox.etag(urls[i]) for i in live}
-        live = self._each(live, fail, lambda: [
-            None if etags[i] else TransientError(f"{urls[i]} is not there right after its publish", stage="publish")
-            for i in live])
+        etags: dict[int, str] = {}
+
+        def there(i: int) -> None:
+            etag = self.outbox.etag(urls[i])  # an S3 HEAD can fail: that item's error
+            if etag is None:
+                raise TransientError(f"{urls[i]} is not there right after its publish", stage="publish")
+            etags[i] = etag
+
+        live = self._each_item(live, fail, there)
         live = self._done_many([jobs[i] for i in live], [urls[i] for i in live], [etags[i] for i in live],
                                live, fail)
         share = (time.perf_counter() - t) / max(1, len(live))
@@ -432,7 +450,19 @@ class Processor:
             job.timings["publish"] = share
             results[i] = Result(job.src, "done", urls[i], seconds=job.timings, output_pixels=job.output_pixels,
                                 sha256=job.sha)
-        return results
+
+    @staticmethod
+    def _each_item(live, fail, step) -> list[int]:
+        """`step(i)` for each live item; one that raises is failed on its own. The items still live."""
+        still = []
+        for i in live:
+            try:
+                step(i)
+            except BaseException as exc:  # noqa: BLE001 - settled by fail (KeyboardInterrupt re-raised there)
+                fail(i, exc)
+                continue
+            still.append(i)
+        return still
 
     @staticmethod
     def _each(live: list[int], fail, step) -> list[int]:

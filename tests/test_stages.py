@@ -11,6 +11,7 @@ import pytest
 from conftest import SHARED_MODELS
 from handler.runtime import open_processor
 from pipeline.adapters.local_files import LocalFile
+from pipeline.errors import TransientError
 from pipeline.settings import load_settings
 from pipeline.stages import Closed, Full, StageRunner
 from pipeline.transform import transform_bytes
@@ -82,6 +83,35 @@ def test_a_busy_writer_publishes_in_groups_and_a_lost_claim_costs_only_its_item(
     for r in results[:2] + results[3:]:
         assert cv2.imread(r.output) is not None
     assert not list((tmp_path / "out" / ".superres" / "tmp").iterdir())  # the lost one's staged output too
+
+
+def test_an_error_on_one_item_of_a_group_settles_that_item_and_holds_nothing(tmp_path, small_images):
+    """A look-up that fails after the rename (an S3 HEAD cut off, here on a local outbox) is that item's: it is
+    given back for a retry with its claim released, the rest of its group is done, and the process holds no key
+    (found by the fault test: the error escaped the group, the claim stayed held and the worker never stopped)."""
+    processor = processor_for(tmp_path, "out")
+    images = small_images[:4]
+    real_etag = processor.outbox.etag
+    broken = str(tmp_path / "out" / images[1].name)
+
+    def etag(url):
+        if url == broken:
+            raise TransientError(f"looking up {url} failed: the connection was closed", stage="publish")
+        return real_etag(url)
+
+    processor.outbox.etag = etag
+    groups: list[int] = []
+    real_finish = processor.finish_many
+    processor.finish_many = lambda jobs: groups.append(len(jobs)) or real_finish(jobs)
+    runner = StageRunner(processor, depth=2)
+    results = [f.result(timeout=120) for f in [runner.submit(LocalFile(p, p.name)) for p in images]]
+    runner.close()
+    assert [r.outcome for r in results] == ["done", "retry", "done", "done"]
+    assert "connection was closed" in results[1].detail
+    rows = sqlite3.connect(processor.ledger.path).execute("SELECT source, state FROM items").fetchall()
+    assert sorted(state for _, state in rows) == ["done"] * 3  # the failed one's claim was given back
+    assert not processor._inflight and not processor._claims  # nothing held: a stop is not kept waiting
+    processor.close()
 
 
 def test_a_full_queue_is_refused_at_once_when_asked_not_to_wait(tmp_path, small_images):
