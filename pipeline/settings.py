@@ -6,7 +6,6 @@ the check (`setting(...)`). Read and checked by our own small code, not pydantic
 than numpy and OpenCV together, and `superres upscale` of one small image pays every millisecond of start-up."""
 
 import os
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import UnionType
@@ -321,31 +320,16 @@ def checked(spec, value):
 
 # ------------------------------------------------------------------------------------ the sources ---------
 
-_DOUBLE_QUOTED = re.compile(r'"((?:\\.|[^"\\])*)"')
-_ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
-
-
 def parse_dotenv(text: str) -> dict[str, str]:
-    """KEY=VALUE lines as python-dotenv reads the usual ones: blank and `#` lines skipped, an optional `export `,
-    a value in single quotes taken as it is, in double quotes with \\n \\t \\" \\\\ escapes, unquoted up to a
-    ` #` comment. No ${VAR} expansion, no value over several lines."""
-    values = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("export "):
-            line = line[len("export "):].lstrip()
-        key, sep, value = line.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key or key.startswith("#"):
-            continue
-        if value.startswith("'") and value.find("'", 1) > 0:
-            value = value[1:value.find("'", 1)]
-        elif quoted := _DOUBLE_QUOTED.match(value):
-            value = re.sub(r"\\(.)", lambda m: _ESCAPES.get(m[1], m[0]), quoted[1])
-        else:
-            value = re.split(r"\s#", value, maxsplit=1)[0].rstrip()
-        values[key] = value
-    return values
+    """KEY=VALUE lines as python-dotenv reads them (comments, `export `, quotes and their escapes, values over
+    several lines), without ${VAR} expansion; a line with no `=` sets nothing. Imported only when there is a
+    `.env` to read: most starts have none and pay nothing for it."""
+    import io
+
+    from dotenv import dotenv_values
+
+    return {key: value for key, value in dotenv_values(stream=io.StringIO(text), interpolate=False).items()
+            if value is not None}
 
 
 def read_dotenv(path: str = DOTENV_FILE) -> dict[str, str]:
