@@ -137,9 +137,6 @@ class Variants:
     def encode(self, job):
         return self._of.get(job.src, self.base).encode(job)
 
-    def finish(self, job):
-        return self._of.get(job.src, self.base).finish(job)
-
     def finish_many(self, jobs):
         """Each variant's items published together, the results in the order given."""
         results = [None] * len(jobs)

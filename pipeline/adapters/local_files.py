@@ -366,11 +366,6 @@ class LocalPlace:
         ino, sep, path = token.partition(":")
         return (int(ino), Path(path)) if sep and ino.isdigit() else (None, Path(token))
 
-    def commit(self, staged: Staged, rel: str, *, content_type: str, metadata: dict[str, str]) -> str:
-        final = self.root / rel
-        commit_temp(self._staged(staged.token)[1], final)
-        return str(final)
-
     def discard(self, staged: Staged) -> None:
         """A staged output that will not be published (its item failed, or its claim was lost)."""
         self._staged(staged.token)[1].unlink(missing_ok=True)
