@@ -6,6 +6,7 @@ import os
 
 from models.catalog import get_model
 from models.engines.base import Engine, Hardware, choose_engine
+from pipeline.errors import ConfigError
 
 log = logging.getLogger("superres.engine")
 
@@ -58,6 +59,9 @@ def load_engine(settings) -> tuple[Engine, "object"]:
     else:
         from models.engines.opencv_engine import OpenCVEngine
 
+        if settings.precision == "bf16":  # OpenCV DNN computes in fp32 only; never a silent fp32 run for bf16
+            raise ConfigError("--engine opencv: precision bf16 is not supported (fp32 only); "
+                              "for bf16 on a CPU that has it use --engine torch")
         engine = OpenCVEngine(spec, path, device=choice.device, threads=settings.threads)
     log.info("engine ready", extra={"fields": {**engine.describe(), "model_file": str(path)}})
     return engine, spec

@@ -87,7 +87,8 @@ class OnnxRuntimeEngine(DnnSuperResIO):
         self.spec = spec
         self.scale = spec.scale
         if precision not in PRECISIONS:
-            raise ConfigError(f"--engine onnxruntime: precision {precision} is not supported (fp32 or fp16)")
+            hint = "; for bf16 on a CPU that has it use --engine torch" if precision == "bf16" else ""
+            raise ConfigError(f"--engine onnxruntime: precision {precision} is not supported (fp32 or fp16){hint}")
         if device == "cpu" and precision != "fp32":
             raise ConfigError(f"precision {precision} needs a CUDA device; the CPU path is fp32")
         self.device, self.precision = device, precision

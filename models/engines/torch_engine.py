@@ -1,6 +1,8 @@
 """The PyTorch engine: the model's TensorFlow graph, read from the same `.pb` file by `models.graphdef` (no
 TensorFlow), lowered once into a torch module, with `dnn_superres`'s pre- and post-processing written out as in
-the OpenCV engine. fp32 on the CPU; on CUDA fp16/bf16 (or fp32 without TF32), channels-last, cuDNN autotuning.
+the OpenCV engine. fp32 on the CPU, or bf16 (opt-in) where the CPU computes bf16 natively; on CUDA fp16/bf16
+(or fp32 without TF32), channels-last, cuDNN autotuning. bf16 runs the whole module in bf16 (float32 sums
+inside oneDNN/cuDNN) and converts the output back to float32 before the colour and rounding code.
 
 How the network is built — a graph lowered to a module, not one hand-written module per family:
 the four families' exports differ in ways a hand-written module would have to re-discover from the graph
@@ -29,6 +31,7 @@ by `build_onnx_module`: their graphs use only Conv, PRelu, Relu, Add and DepthTo
 
 from __future__ import annotations
 
+import platform
 from fractions import Fraction
 from pathlib import Path
 
@@ -50,6 +53,20 @@ from pipeline.errors import ConfigError, DeviceOutOfMemory
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _BINARY = {"Add", "AddV2", "BiasAdd", "Sub", "Mul", "RealDiv", "Maximum", "Minimum"}
 _UNARY = {"Relu", "Abs", "Neg", "Tanh", "Sigmoid"}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether torch's oneDNN computes bf16 in this CPU's hardware: AVX512-BF16 or AMX on x86, the BF16 extension on
+    ARM. torch (2.13) has no public check: `torch.ops.mkldnn._is_mkldnn_bf16_supported()` is also true on plain
+    AVX-512, where oneDNN emulates bf16 and runs slower than fp32, so on x86 the instruction sets are asked too."""
+    try:
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return False
+        if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        return True  # aarch64: the check above is cpuinfo's "has the BF16 extension"
+    except (AttributeError, RuntimeError):  # a torch without these private checks: say no, never crash
+        return False
 
 
 def torch_has_cuda() -> bool:
@@ -430,8 +447,11 @@ class TorchEngine(DnnSuperResIO):
             raise ConfigError(f"unknown device {device!r}: use cpu or cuda")
         if kind == "cuda" and not torch_has_cuda():
             raise ConfigError("--device cuda: torch sees no usable CUDA GPU (torch.cuda.is_available() is False)")
-        if kind == "cpu" and precision != "fp32":
-            raise ConfigError(f"precision {precision} needs a CUDA device; the CPU path is fp32")
+        if kind == "cpu" and precision == "fp16":
+            raise ConfigError("precision fp16 needs a CUDA device; on the CPU use fp32 (or bf16 where the CPU has it)")
+        if kind == "cpu" and precision == "bf16" and not cpu_has_native_bf16():
+            raise ConfigError("precision bf16 on the CPU needs native bf16 (AVX512-BF16 or AMX on x86, BF16 on ARM), "
+                              "which this CPU lacks (emulated, it runs slower than fp32): use --precision fp32")
         self.device = kind
         self.precision = precision
         self._torch_device = torch.device(device)
@@ -457,7 +477,8 @@ class TorchEngine(DnnSuperResIO):
                               f"{expected_channels}: wrong file for this model name")
         module.eval()
         # channels-last (NHWC in memory) on both devices: cuDNN's tensor-core kernels want it, and on the CPU
-        # oneDNN runs these small-channel convs 1.1-1.9x faster in it (measured, fp32 results within 5e-7).
+        # oneDNN runs these small-channel convs 1.1-1.9x faster in it (measured, fp32 results within 5e-7), and
+        # its native bf16 convs want it too.
         if kind == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed tile sizes: autotune once per shape
             if precision == "fp32":
@@ -503,12 +524,12 @@ class TorchEngine(DnnSuperResIO):
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(blob, dtype=np.float32))
             if self.device == "cuda":
-                x = x.pin_memory().to(self._torch_device, non_blocking=True).to(self._dtype)
-            x = x.contiguous(memory_format=torch.channels_last)
+                x = x.pin_memory().to(self._torch_device, non_blocking=True)
+            x = x.to(self._dtype).contiguous(memory_format=torch.channels_last)
             try:
                 y = self._module(x)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 raise DeviceOutOfMemory(f"CUDA out of memory on a batch of {tuple(blob.shape)}") from None
-            # .cpu() waits for the GPU; the numpy array is NCHW and contiguous
+            # float32 again before the colour and rounding code; .cpu() waits for the GPU; NCHW and contiguous
             return y.to(torch.float32).cpu().contiguous().numpy()
