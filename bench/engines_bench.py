@@ -7,6 +7,7 @@
    and on an EDSR-structured graph (tests/edsr_graph.py: upstream's ops and quint8 weights, fewer blocks and
    channels, random weights; the real files cannot be downloaded here). Medians of interleaved rounds; MACs
    per input pixel from the catalog (EDSR-structured: counted from its convs). OpenCV DNN is the reference.
+   torch runs fp32, and bf16 too where the CPU computes bf16 natively (AVX512-BF16, AMX, ARM BF16).
 2. Peak RSS of one `superres upscale` process on one synthetic photo at x2 (fsrcnn-x2, full resolution, the
    default engine), 2000^2 / 4000^2 / 8000^2: how memory grows with the image.
 """
@@ -56,11 +57,13 @@ def engines_for(spec, model_file: Path, cache: Path) -> dict:
     engines = {"opencv (cv2.dnn)": OpenCVEngine(spec, model_file),
                "onnxruntime (cpu)": OnnxRuntimeEngine(spec, model_file, cache_dir=cache)}
     try:
-        from models.engines.torch_engine import TorchEngine
+        from models.engines.torch_engine import TorchEngine, cpu_has_native_bf16
     except ImportError:  # the CPU image: no torch
         return engines
     if spec.filename.endswith(".pb"):
         engines["torch (cpu, fp32)"] = TorchEngine(spec, model_file)
+        if cpu_has_native_bf16():  # opt-in --precision bf16: only where the CPU computes bf16 natively
+            engines["torch (cpu, bf16)"] = TorchEngine(spec, model_file, precision="bf16")
     return engines
 
 
