@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import InputRejected
 from pipeline.formats import FORMATS, REQUESTABLE, Format, format_named, requested as requested_format
+from pipeline.png import encode_png
 
 # Pillow's own decompression-bomb check is off: our limits run on the header (see pipeline/limits.py), before
 # anything is decoded, and Pillow's warning/error would fire at open() with a different threshold.
@@ -429,11 +430,17 @@ def _to_pil(frame: np.ndarray) -> Image.Image:
     return Image.fromarray(cv2.cvtColor(frame, code))
 
 
-# PNG compression: "fast" is OpenCV's default (zlib level 1 with the run-length strategy), "0".."9" zlib's levels
-# with its default strategy. Measured on 3.7 Mpx of x2 photos (bench/png_compression_bench.py): fast 27 ms/Mpx at
-# 1.45 bytes/px, 1: 46 ms/Mpx 1.30 B/px, 6: 200 ms/Mpx 1.19 B/px, 9: 1040 ms/Mpx 1.17 B/px; 0 stores (3 B/px).
+# PNG compression: "fast" is our writer (pipeline/png.py: UP filter, ISA-L deflate level 1), "0".."9" libpng's
+# zlib levels through OpenCV, with zlib's default strategy. Measured on 3.7 Mpx of x2 photos
+# (bench/png_compression_bench.py): fast 13 ms/Mpx at 1.35 bytes/px (OpenCV's own default, what fast was: 39 ms/Mpx,
+# 1.45 B/px), 1: 57 ms/Mpx 1.30 B/px, 6: 219 ms/Mpx 1.19 B/px, 9: 1006 ms/Mpx 1.17 B/px; 0 stores (3 B/px).
 PNG_COMPRESSION_FAST = "fast"
 PNG_COMPRESSIONS = (PNG_COMPRESSION_FAST, *map(str, range(10)))
+
+
+def _bare_exif(exif: bytes | None) -> bytes | None:
+    """The TIFF block without Pillow's "Exif\\0\\0" prefix: what a PNG eXIf chunk holds, and what OpenCV wants."""
+    return exif[len(_EXIF_PREFIX):] if exif and exif.startswith(_EXIF_PREFIX) else exif
 
 
 def _encode_cv2(frame: np.ndarray, fmt: str, image: DecodedImage, jpeg_quality: int, webp_quality: int,
@@ -454,9 +461,8 @@ def _encode_cv2(frame: np.ndarray, fmt: str, image: DecodedImage, jpeg_quality: 
         if image.exif:
             # OpenCV wants the bare TIFF block and adds the "Exif\0\0" header itself for JPEG; passing Pillow's
             # prefixed bytes gives a doubled header in JPEG and an invalid eXIf chunk in PNG.
-            raw = image.exif[len(_EXIF_PREFIX):] if image.exif.startswith(_EXIF_PREFIX) else image.exif
             types.append(cv2.IMAGE_METADATA_EXIF)
-            blobs.append(np.frombuffer(raw, np.uint8))
+            blobs.append(np.frombuffer(_bare_exif(image.exif), np.uint8))
     if types:
         ok, buf = cv2.imencodeWithMetadata(ext, frame, types, blobs, params)
     else:
@@ -524,6 +530,8 @@ def encode(image: DecodedImage, fmt: str, *, jpeg_quality: int = 95, webp_qualit
             return _encode_pil([_to_uint8(frame)], fmt, image, jpeg_quality, webp_quality)
         if fmt == "TIFF" and frame.dtype == np.uint8 and (image.icc_profile or image.exif):
             return _encode_pil([frame], fmt, image, jpeg_quality, webp_quality)  # OpenCV drops TIFF metadata
+        if fmt == "PNG" and png_compression == PNG_COMPRESSION_FAST:
+            return encode_png(frame, icc_profile=image.icc_profile, exif=_bare_exif(image.exif))
         return _encode_cv2(frame, fmt, image, jpeg_quality, webp_quality, png_compression)
     except InputRejected:
         raise

@@ -42,8 +42,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("JPEG", ".jpg", (".jpeg", ".jpe"), "image/jpeg", max_side=65500,
            alpha=False, high_depth=False, icc=True, exif=True, animation=False,
            encode_memory=1.8, encode_memory_alpha=3.7, requested_as=("jpeg", "jpg")),
-    # libpng's default user limit (png_set_user_limits: 1,000,000 per side) in OpenCV's writer; the format holds
-    # 2**31-1 and Pillow's own writer (used for APNG) has no such limit, but a still PNG goes through OpenCV
+    # libpng's default user limit (png_set_user_limits: 1,000,000 per side), which its readers keep to; the format
+    # holds 2**31-1, and Pillow's writer (used for APNG) has no limit, but a still PNG goes through pipeline/png.py
+    # or OpenCV, which both keep to it
     Format("PNG", ".png", (), "image/png", max_side=1_000_000,
            alpha=True, high_depth=True, icc=True, exif=True, animation=True,
            encode_memory=3.2, encode_memory_alpha=3.2, requested_as=("png",)),
