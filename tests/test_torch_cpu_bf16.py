@@ -138,3 +138,18 @@ def test_superres_upscale_in_bf16_as_a_real_process(tmp_path):
     spec = CATALOG["espcn-x3"]
     expected = TorchEngine(spec, SHARED_MODELS / spec.filename, precision="bf16").upscale(image)
     assert np.array_equal(written, expected)
+
+
+@native
+def test_evaluate_with_a_precision_runs_the_torch_engine_and_bf16_costs_little():
+    """`python -m training evaluate --precision`: measured on Set5 x3, espcn-x3 30.527 dB in fp32 (OpenCV
+    30.527), 30.524 in bf16."""
+    from conftest import DATASETS
+    from training.evaluate import evaluate
+
+    scores = {p: evaluate("espcn-x3", 3, DATASETS, SHARED_MODELS, sets=("Set5",), precision=p)["Set5"]
+              for p in (None, "fp32", "bf16")}
+    print(scores)
+    assert 30 < scores[None] < 31
+    assert abs(scores["fp32"] - scores[None]) < 0.01  # torch fp32 is within a level of OpenCV
+    assert scores["bf16"] != scores["fp32"] and abs(scores["fp32"] - scores["bf16"]) < 0.05  # bf16 did run

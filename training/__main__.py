@@ -49,12 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--shared-models", type=Path, default=SHARED / "models")
     e.add_argument("--weights-dir", type=Path, default=None, help="our ONNX files from here, not the bundled ones")
     e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="every model in the torch engine on the CPU at this precision (default: OpenCV for .pb "
+                        "files, torch fp32 for ONNX); bf16 needs a CPU with native bf16")
     return parser
 
 
 def run_evaluate(args) -> int:
     import torch
 
+    from pipeline.errors import ConfigError
     from training.evaluate import evaluate
 
     import cv2
@@ -64,7 +68,12 @@ def run_evaluate(args) -> int:
     sets = tuple(args.sets.split(","))
     print("| model | " + " | ".join(f"{s} x{args.scale}" for s in sets) + " |", flush=True)
     for model in args.models:
-        scores = evaluate(model, args.scale, args.datasets, args.shared_models, args.weights_dir, sets)
+        try:
+            scores = evaluate(model, args.scale, args.datasets, args.shared_models, args.weights_dir, sets,
+                              args.precision)
+        except ConfigError as exc:  # a model file not here, bf16 on a CPU without it: one line, exit 2
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 2
         print(f"| {model} | " + " | ".join(f"{scores[s]:.2f}" for s in sets) + " |", flush=True)
     return 0
 

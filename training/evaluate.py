@@ -4,7 +4,8 @@ MATLAB's rgb2ycbcr (gray: the gray value), `scale` pixels shaved at each border,
 
 "bicubic" is MATLAB-style bicubic upscaling (training.imresize), which reproduces the literature's baselines.
 GSoC `.pb` models run in the OpenCV engine (as ../shared/datasets/README.md's reference numbers), ONNX models
-in the torch engine's lowering. For evaluation only: nothing here feeds back into training.
+in the torch engine's lowering; with a `precision` (fp32, bf16) every model runs in the torch engine on the CPU
+at that precision, to measure what bf16 costs. For evaluation only: nothing here feeds back into training.
 """
 
 from __future__ import annotations
@@ -42,26 +43,32 @@ def benchmark_pairs(datasets: Path, name: str, scale: int):
         yield lr, hr[: lr.shape[0] * scale, : lr.shape[1] * scale]
 
 
-def make_upscaler(model: str, scale: int, shared_models: Path, weights_dir: Path | None = None):
-    """A function uint8 image -> upscaled uint8 image, for a catalog name or "bicubic"."""
+def make_upscaler(model: str, scale: int, shared_models: Path, weights_dir: Path | None = None,
+                  precision: str | None = None):
+    """A function uint8 image -> upscaled uint8 image, for a catalog name or "bicubic"; `precision`: the torch
+    engine at that precision for every model (None: OpenCV for `.pb` files, torch fp32 for ONNX)."""
     if model == "bicubic":
         return lambda image: imresize(image, scale)
     from models.catalog import get_model
     from models.files import model_path
 
     spec = get_model(model)
-    if spec.file_format == "onnx":
+    if spec.file_format == "onnx" or precision:
         from models.engines.torch_engine import TorchEngine
 
-        path = (weights_dir / spec.filename) if weights_dir else model_path(spec, shared_models)
-        return TorchEngine(replace(spec, bundled=False), path).upscale
+        if spec.file_format == "onnx":
+            path = (weights_dir / spec.filename) if weights_dir else model_path(spec, shared_models)
+            spec = replace(spec, bundled=False)
+        else:
+            path = shared_models / spec.filename
+        return TorchEngine(spec, path, precision=precision or "fp32").upscale
     from models.engines.opencv_engine import OpenCVEngine
 
     return OpenCVEngine(spec, shared_models / spec.filename).upscale
 
 
 def evaluate(model: str, scale: int, datasets: Path, shared_models: Path, weights_dir: Path | None = None,
-             sets: tuple[str, ...] = SETS) -> dict[str, float]:
-    upscale = make_upscaler(model, scale, shared_models, weights_dir)
+             sets: tuple[str, ...] = SETS, precision: str | None = None) -> dict[str, float]:
+    upscale = make_upscaler(model, scale, shared_models, weights_dir, precision)
     return {name: float(np.mean([y_psnr(upscale(lr), hr, scale) for lr, hr in benchmark_pairs(datasets, name, scale)]))
             for name in sets}
