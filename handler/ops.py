@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -208,6 +207,7 @@ class Ops:
 def _server_classes():
     """The metrics server's classes, made on first use: http.server and prometheus_client cost `superres
     upscale` (which serves nothing) ~50 ms of start-up if imported with this module."""
+    import socket
     from socketserver import ThreadingMixIn
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 

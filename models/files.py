@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 from models.catalog import CATALOG, ModelSpec
@@ -223,6 +222,8 @@ def pull(
         model_dir.mkdir(parents=True, exist_ok=True)
         # Same directory as the final name, so os.replace is an atomic rename on one filesystem;
         # a dot name ending .part so watchers and `models list` never take it for a model.
+        import tempfile  # a download only: not at every start
+
         fd, tmp_name = tempfile.mkstemp(dir=model_dir, prefix=f".{spec.filename}.", suffix=".part")
         os.close(fd)
     except OSError as exc:

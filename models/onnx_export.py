@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -265,6 +264,8 @@ def rewrite_onnx(model):
 
 def write_atomically(data: bytes, path: Path) -> None:
     """Temp file in the same folder, fsync, rename: `path` only ever holds a whole file."""
+    import tempfile  # only where a file is written: not at every start that reads the cache
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
