@@ -30,6 +30,26 @@ log = logging.getLogger("superres")
 _END = object()
 
 
+# glibc's malloc, by default, hands every freed block over 128 kB back to the kernel, and the next image's arrays
+# (a few MB each: decoded, float blobs, upscaled) fault their pages in again, zeroed: on small images that was
+# over a third of the engine thread's time (docs/benchmarks.md). Blocks up to this size come from the heap...
+MALLOC_MMAP_THRESHOLD = 32 << 20  # (glibc's own upper bound for it) ...
+MALLOC_TRIM_THRESHOLD = 128 << 20  # ...and this much freed memory is kept for reuse before any goes back
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
+
+
+def reuse_freed_memory() -> bool:
+    """Keep freed blocks for the next items (glibc; elsewhere nothing changes). True where it was set."""
+    import ctypes  # numpy has imported it already
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # musl, macOS: no mallopt
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
+
+
 def encode_threads() -> int:
     """Encoders: one per core beyond the two the reader and writer use, 1 to 4 (docs/benchmarks.md)."""
     return max(1, min(4, (os.cpu_count() or 1) - 2))
@@ -54,6 +74,7 @@ class _Item:
 
 class StageRunner:
     def __init__(self, processor: Processor, *, depth: int = 2, queue_max: int = 0, encoders: int = 0):
+        reuse_freed_memory()
         self.processor = processor
         self._incoming: queue.Queue = queue.Queue(maxsize=queue_max or depth)
         self._prepared: queue.Queue = queue.Queue(maxsize=max(depth, processor.batch))  # room for a GPU's group
