@@ -99,82 +99,94 @@ def _pipeline_options() -> argparse.ArgumentParser:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = ("upscale", "watch", "worker", "serve", "enqueue", "models", "info")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with `command` only that subcommand's: a run pays for the options it can take, not
+    for all seven commands' (argparse's help strings go through gettext, ~4 ms of every start)."""
     common = _common_options()
     parser = argparse.ArgumentParser(prog="superres", description="Super-resolution with OpenCV dnn_superres models.",
                                      parents=[common])
     sub = parser.add_subparsers(dest="command", required=True)
     engine, pipeline = _engine_options(), _pipeline_options()
 
-    up = sub.add_parser("upscale", parents=[common, engine, pipeline], help="upscale files, folders (recursive) and globs")
-    up.add_argument("inputs", nargs="+", help="files, folders, glob patterns or s3://bucket/key-or-prefix "
-                                              "(walks and globs take image files only, by extension)")
-    up.add_argument("--out", dest="outbox", help="output folder or s3://bucket/prefix/ (SUPERRES_OUTBOX); with one "
-                                                 "input file, a name with an image extension (big.png) is the "
-                                                 "output file itself")
+    if command in (None, "upscale"):
+        up = sub.add_parser("upscale", parents=[common, engine, pipeline], help="upscale files, folders (recursive) and globs")
+        up.add_argument("inputs", nargs="+", help="files, folders, glob patterns or s3://bucket/key-or-prefix "
+                                                  "(walks and globs take image files only, by extension)")
+        up.add_argument("--out", dest="outbox", help="output folder or s3://bucket/prefix/ (SUPERRES_OUTBOX); with one "
+                                                     "input file, a name with an image extension (big.png) is the "
+                                                     "output file itself")
 
-    w = sub.add_parser("watch", parents=[common, engine, pipeline], help="upscale files dropped into an inbox folder")
-    w.add_argument("--inbox", help="folder, or s3://bucket/prefix/ (polled)")
-    w.add_argument("--outbox", help="folder or s3://bucket/prefix/")
-    w.add_argument("--processed", help="where settled inputs go with --disposition move (default: INBOX/processed)")
-    w.add_argument("--disposition", choices=["keep", "move", "delete"], help="what to do with an input once settled")
-    w.add_argument("--poll", action="store_const", const=True, help="poll (network/FUSE mounts): take files once size+mtime are stable")
-    w.add_argument("--settle-s", type=float, help="quiet time after a writer's close (with --poll: of stable size "
-                                                   "and mtime) before a file is taken; renamed-in files are taken "
-                                                   "at once (default 1)")
-    w.add_argument("--rescan-s", type=float, help="local: full rescan period; S3: listing period")
-    w.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz on this port (0: off; default 9100)")
+    if command in (None, "watch"):
+        w = sub.add_parser("watch", parents=[common, engine, pipeline], help="upscale files dropped into an inbox folder")
+        w.add_argument("--inbox", help="folder, or s3://bucket/prefix/ (polled)")
+        w.add_argument("--outbox", help="folder or s3://bucket/prefix/")
+        w.add_argument("--processed", help="where settled inputs go with --disposition move (default: INBOX/processed)")
+        w.add_argument("--disposition", choices=["keep", "move", "delete"], help="what to do with an input once settled")
+        w.add_argument("--poll", action="store_const", const=True, help="poll (network/FUSE mounts): take files once size+mtime are stable")
+        w.add_argument("--settle-s", type=float, help="quiet time after a writer's close (with --poll: of stable size "
+                                                       "and mtime) before a file is taken; renamed-in files are taken "
+                                                       "at once (default 1)")
+        w.add_argument("--rescan-s", type=float, help="local: full rescan period; S3: listing period")
+        w.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz on this port (0: off; default 9100)")
 
-    wk = sub.add_parser("worker", parents=[common, engine, pipeline], help="take S3 event messages from an SQS queue")
-    wk.add_argument("--queue", dest="queue_url", help="SQS queue URL (SUPERRES_QUEUE_URL)")
-    wk.add_argument("--outbox", help="s3://bucket/prefix/")
-    wk.add_argument("--inbox", help="s3://bucket/prefix/: outputs keep the key's path below this prefix "
-                                    "(default: the whole key)")
-    wk.add_argument("--disposition", choices=["keep", "move", "delete"])
-    wk.add_argument("--batch-size", type=int, help="messages received at a time (1-10)")
-    wk.add_argument("--visibility-s", type=int, help="visibility timeout kept up by heartbeats while an item is in work")
-    wk.add_argument("--wait-s", type=int, help="long-poll wait (0-20 s)")
-    wk.add_argument("--max-messages", type=int, default=None, help="stop after this many messages (for tests and batch jobs)")
-    wk.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz on this port (0: off; default 9100)")
-    wk.add_argument("--idle-exit-s", type=float, default=None, help="stop after this long with an empty queue")
+    if command in (None, "worker"):
+        wk = sub.add_parser("worker", parents=[common, engine, pipeline], help="take S3 event messages from an SQS queue")
+        wk.add_argument("--queue", dest="queue_url", help="SQS queue URL (SUPERRES_QUEUE_URL)")
+        wk.add_argument("--outbox", help="s3://bucket/prefix/")
+        wk.add_argument("--inbox", help="s3://bucket/prefix/: outputs keep the key's path below this prefix "
+                                        "(default: the whole key)")
+        wk.add_argument("--disposition", choices=["keep", "move", "delete"])
+        wk.add_argument("--batch-size", type=int, help="messages received at a time (1-10)")
+        wk.add_argument("--visibility-s", type=int, help="visibility timeout kept up by heartbeats while an item is in work")
+        wk.add_argument("--wait-s", type=int, help="long-poll wait (0-20 s)")
+        wk.add_argument("--max-messages", type=int, default=None, help="stop after this many messages (for tests and batch jobs)")
+        wk.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz on this port (0: off; default 9100)")
+        wk.add_argument("--idle-exit-s", type=float, default=None, help="stop after this long with an empty queue")
 
-    sv = sub.add_parser("serve", parents=[common, engine, pipeline],
-                        help="an HTTP API (POST /upscale, /v1/jobs) and an upload page on the same pipeline")
-    sv.add_argument("--host", help="address to bind (SUPERRES_HOST; default 127.0.0.1, the container 0.0.0.0)")
-    sv.add_argument("--port", type=int, help="port (SUPERRES_PORT; default 8080; 0: any free one)")
-    sv.add_argument("--outbox", "--out", dest="outbox", help="folder or s3://bucket/prefix/ for results and the ledger")
-    sv.add_argument("--api-token", help="bearer token required on every endpoint but /healthz (SUPERRES_API_TOKEN; "
-                                        "prefer the variable: a flag shows in `ps`)")
-    sv.add_argument("--cors-origins", help="comma-separated origins allowed by CORS, or * (default: no CORS)")
-    sv.add_argument("--queue-max", type=int, help="uploads waiting for the pipeline before 503 + Retry-After (16)")
-    sv.add_argument("--result-ttl-s", type=float, help="results are removed this long after they were made (3600)")
+    if command in (None, "serve"):
+        sv = sub.add_parser("serve", parents=[common, engine, pipeline],
+                            help="an HTTP API (POST /upscale, /v1/jobs) and an upload page on the same pipeline")
+        sv.add_argument("--host", help="address to bind (SUPERRES_HOST; default 127.0.0.1, the container 0.0.0.0)")
+        sv.add_argument("--port", type=int, help="port (SUPERRES_PORT; default 8080; 0: any free one)")
+        sv.add_argument("--outbox", "--out", dest="outbox", help="folder or s3://bucket/prefix/ for results and the ledger")
+        sv.add_argument("--api-token", help="bearer token required on every endpoint but /healthz (SUPERRES_API_TOKEN; "
+                                            "prefer the variable: a flag shows in `ps`)")
+        sv.add_argument("--cors-origins", help="comma-separated origins allowed by CORS, or * (default: no CORS)")
+        sv.add_argument("--queue-max", type=int, help="uploads waiting for the pipeline before 503 + Retry-After (16)")
+        sv.add_argument("--result-ttl-s", type=float, help="results are removed this long after they were made (3600)")
 
-    eq = sub.add_parser("enqueue", parents=[common], help="a backfill: one S3 event message per image under an S3 "
-                                                           "prefix, for the workers (superres worker) to upscale")
-    eq.add_argument("source", metavar="s3://BUCKET/PREFIX/", help="the objects to process (listed, paginated)")
-    eq.add_argument("--queue", dest="queue_url", help="the workers' SQS queue URL (SUPERRES_QUEUE_URL)")
-    eq.add_argument("--outbox", help="the workers' outbox: objects in it (and its failed place) are left out")
-    eq.add_argument("--s3-endpoint-url", help="S3/SQS endpoint (moto, MinIO); default AWS")
+    if command in (None, "enqueue"):
+        eq = sub.add_parser("enqueue", parents=[common], help="a backfill: one S3 event message per image under an S3 "
+                                                               "prefix, for the workers (superres worker) to upscale")
+        eq.add_argument("source", metavar="s3://BUCKET/PREFIX/", help="the objects to process (listed, paginated)")
+        eq.add_argument("--queue", dest="queue_url", help="the workers' SQS queue URL (SUPERRES_QUEUE_URL)")
+        eq.add_argument("--outbox", help="the workers' outbox: objects in it (and its failed place) are left out")
+        eq.add_argument("--s3-endpoint-url", help="S3/SQS endpoint (moto, MinIO); default AWS")
 
-    m = sub.add_parser("models", parents=[common], help="the model catalog")
-    msub = m.add_subparsers(dest="models_command", required=True)
-    for name, text in (("list", "list catalog models and whether their files are present"),
-                       ("verify", "check the checksums of the model files present")):
-        mp = msub.add_parser(name, parents=[common], help=text)
-        mp.add_argument("--model-dir", type=Path)
-    pull = msub.add_parser("pull", parents=[common], help="download models with checksum verification")
-    pull.add_argument("names", nargs="+")
-    pull.add_argument("--model-dir", type=Path)
-    pull.add_argument("--base-url", dest="model_base_url", help="a mirror serving the model files by name")
-    pull.add_argument("--force", action="store_true")
-    export = msub.add_parser("export", parents=[common], help="write a model's network as ONNX (for trtexec etc.)")
-    export.add_argument("names", nargs=1, metavar="NAME")
-    export.add_argument("--onnx", type=Path, required=True, metavar="FILE",
-                        help="NCHW float32 in and out, dynamic batch/height/width; colour and mean stay in superres")
-    export.add_argument("--fp16", action="store_true", help="half-precision weights and arithmetic (float32 edges)")
-    export.add_argument("--model-dir", type=Path)
+    if command in (None, "models"):
+        m = sub.add_parser("models", parents=[common], help="the model catalog")
+        msub = m.add_subparsers(dest="models_command", required=True)
+        for name, text in (("list", "list catalog models and whether their files are present"),
+                           ("verify", "check the checksums of the model files present")):
+            mp = msub.add_parser(name, parents=[common], help=text)
+            mp.add_argument("--model-dir", type=Path)
+        pull = msub.add_parser("pull", parents=[common], help="download models with checksum verification")
+        pull.add_argument("names", nargs="+")
+        pull.add_argument("--model-dir", type=Path)
+        pull.add_argument("--base-url", dest="model_base_url", help="a mirror serving the model files by name")
+        pull.add_argument("--force", action="store_true")
+        export = msub.add_parser("export", parents=[common], help="write a model's network as ONNX (for trtexec etc.)")
+        export.add_argument("names", nargs=1, metavar="NAME")
+        export.add_argument("--onnx", type=Path, required=True, metavar="FILE",
+                            help="NCHW float32 in and out, dynamic batch/height/width; colour and mean stay in superres")
+        export.add_argument("--fp16", action="store_true", help="half-precision weights and arithmetic (float32 edges)")
+        export.add_argument("--model-dir", type=Path)
 
-    sub.add_parser("info", parents=[common, engine], help="engine, device, model and the settings in force")
+    if command in (None, "info"):
+        sub.add_parser("info", parents=[common, engine], help="engine, device, model and the settings in force")
     return parser
 
 
@@ -186,7 +198,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     try:
         settings = settings_from_args(args)
         from handler.logs import setup_logging

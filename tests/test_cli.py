@@ -1,5 +1,6 @@
 """The command line as a user meets it: exit codes, one-line errors, settings from flags or SUPERRES_*."""
 
+import argparse
 import importlib.util
 import json
 import subprocess
@@ -103,3 +104,21 @@ def test_a_reader_that_leaves_early_is_no_error():
     proc.stdout.close()  # the reader is gone before anything is written
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 0 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["upscale", "a.png", "b/", "--out", "o", "--model", "fsrcnn-x3", "--engine", "opencv", "-q", "--png-compression", "6"],
+    ["watch", "--inbox", "in", "--outbox", "out", "--disposition", "move", "--poll"],
+    ["worker", "--queue", "https://q", "--outbox", "s3://b/o/", "--max-messages", "3"],
+    ["serve", "--port", "0", "--out", "o", "--queue-max", "4"],
+    ["enqueue", "s3://b/in/", "--queue", "https://q"],
+    ["models", "export", "espcn-x2", "--onnx", "e.onnx", "--fp16"],
+    ["info", "--engine", "onnxruntime", "-v"],
+])
+def test_a_run_builds_only_its_command_and_parses_the_same(argv):
+    from handler.cli import COMMANDS, build_parser
+
+    only = build_parser(argv[0])
+    assert only.parse_args(argv) == build_parser().parse_args(argv)
+    subcommands = next(a for a in only._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(subcommands.choices) == [argv[0]] and argv[0] in COMMANDS
