@@ -335,7 +335,7 @@ def run_info(settings: Settings) -> int:
     state = model_status(spec, model_dir)
     if state != "ok":  # still useful: what would run where, and what to do about the model
         choice = choose_engine(settings.engine, settings.device, probe_hardware(settings.engine, settings.device),
-                               fastest_on_cpu=spec.fastest_cpu_engine)
+                               fastest_on_cpu=spec.fastest_cpu_engine, precision=settings.precision)
         fix = f"superres models pull {spec.name}" + (" --force" if state != "missing" else "")
         doc = {"engine": choice.engine, "device": choice.device, "model": spec.name, "scale": spec.scale,
                "model_file": str(model_path(spec, model_dir)), "model_status": state, "to_get_it": fix,

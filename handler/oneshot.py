@@ -6,6 +6,7 @@ from contextlib import nullcontext
 import signal
 import logging
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -214,6 +215,39 @@ def _through_symlinked_folder(match: Path, base: Path) -> bool:
     return False
 
 
+SMALL_RUN_FILES = 8  # a run of more inputs than this, or of more bytes, is not weighed as small (no header is read)
+SMALL_RUN_BYTES = 4 << 20
+
+
+def small_run_pixels(sources: list) -> int | None:
+    """The input pixels of a run of a few small local files, from their headers (what auto weighs: see
+    models.engines.base.SMALL_RUN_GMAC); None for any other run. A file that cannot be read counts no pixels:
+    the reader says what is wrong with it."""
+    from pipeline.codec import read_header
+    from pipeline.errors import InputRejected
+
+    if len(sources) > SMALL_RUN_FILES or not all(isinstance(src, LocalFile) for src in sources):
+        return None
+    sizes = []
+    for src in sources:
+        try:
+            st = src.path.lstat()  # as the reader: no symlink followed
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            sizes.append((src, st.st_size))
+    if sum(size for _, size in sizes) > SMALL_RUN_BYTES:
+        return None
+    pixels = 0
+    for src, _ in sizes:
+        try:
+            header = read_header(src.path.read_bytes())
+        except (OSError, InputRejected):
+            continue
+        pixels += header.width * header.height * header.frames
+    return pixels
+
+
 def run_upscale(settings, inputs: list[str]) -> int:
     if settings.outbox is None:
         raise ConfigError("give an output folder: --out DIR or s3://bucket/prefix/ (or SUPERRES_OUTBOX)")
@@ -221,7 +255,7 @@ def run_upscale(settings, inputs: list[str]) -> int:
                             exclude=[settings.outbox, settings.failed_location(), settings.processed or ""])
     item_filter = _filter_logs(settings)  # before the engine loads: its "engine ready" line is for -v
     try:
-        processor = open_processor(settings, "oneshot")
+        processor = open_processor(settings, "oneshot", work_pixels=small_run_pixels(sources))
     except BaseException:
         _unfilter_logs(item_filter)
         raise

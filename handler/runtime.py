@@ -10,7 +10,8 @@ from pipeline.s3keys import is_s3_uri, parse_s3_uri
 from pipeline.settings import timing_problems
 
 
-def open_processor(settings, mode: str = "oneshot", *, max_receive_count: int | None = None) -> Processor:
+def open_processor(settings, mode: str = "oneshot", *, max_receive_count: int | None = None,
+                   work_pixels: int | None = None) -> Processor:
     """Check the settings and the places, load the engine, then open the places and the ledger: a refused
     configuration (a bad device, impossible timings, an outbox that is a file, a missing bucket, no credentials,
     an endpoint that does not answer, a missing model) is one ConfigError and leaves nothing behind."""
@@ -34,7 +35,7 @@ def open_processor(settings, mode: str = "oneshot", *, max_receive_count: int | 
         raise ConfigError("; ".join(problems))
     check_places(settings, [("outbox", outbox_at, "folder"), ("failed place", failed, "folder"),
                             ("ledger", ledger_at, "prefix" if is_s3_uri(ledger_at) else "file")])
-    engine, spec = _engine(settings)  # after the cheap checks above, before anything is created
+    engine, spec = _engine(settings, work_pixels)  # after the cheap checks above, before anything is created
     clients = _Clients(settings.s3_endpoint_url)
     outbox, failed_place = open_place(outbox_at, clients), open_place(failed, clients)
     ledger = open_ledger(ledger_at, settings.lease_s, clients)
@@ -55,10 +56,10 @@ def open_processor(settings, mode: str = "oneshot", *, max_receive_count: int | 
 TEST_ENGINE_HOOK = "SUPERRES_TEST_ENGINE"
 
 
-def _engine(settings):
+def _engine(settings, work_pixels: int | None = None):
     hook = os.environ.get(TEST_ENGINE_HOOK)
     if not hook:
-        return load_engine(settings)
+        return load_engine(settings, work_pixels=work_pixels)
     import importlib.util
 
     path, _, factory = hook.rpartition(":")

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import SHARED_MODELS, lr_image
 from models.catalog import CATALOG
-from models.engines.base import Hardware, choose_engine
+from models.engines.base import EngineChoice, Hardware, choose_engine
 from models.engines.opencv_engine import OpenCVEngine
 from pipeline.errors import ConfigError
 
@@ -181,11 +181,29 @@ def test_a_present_gpu_that_nothing_can_use_is_said_not_silently_skipped():
     assert choose_engine("auto", "cpu", GPU_UNUSABLE).note == ""  # asked for the CPU: nothing to say
 
 
-def test_the_catalogs_cpu_choices_do_not_depend_on_the_run():
+def test_the_catalogs_cpu_choice_is_onnxruntime_unless_the_run_is_known_small():
     """docs/benchmarks.md: onnxruntime is the fastest installed engine end to end on the catalog's graphs; torch is
-    never picked on a CPU. One choice per model and machine, whatever the mode or the size of the run: the engines
-    differ by a rounding level on a few pixels, and every mode must publish the same bytes for the same input."""
+    never picked on a CPU for fp32. A run known to be small (a one-shot of a few small files) is over before
+    onnxruntime has paid for its start: OpenCV's engine. A long-running mode knows no size: onnxruntime."""
+    from models.engines.base import SMALL_RUN_GMAC
+
     for spec in CATALOG.values():
-        pick = choose_engine("auto", "auto", ORT_AND_TORCH_CPU, fastest_on_cpu=spec.fastest_cpu_engine).engine
-        assert pick == "onnxruntime", spec.name
+        def pick(**kw):
+            return choose_engine("auto", "auto", ORT_AND_TORCH_CPU, fastest_on_cpu=spec.fastest_cpu_engine, **kw).engine
+        assert pick() == "onnxruntime", spec.name
+        assert pick(work_gmac=SMALL_RUN_GMAC) == "onnxruntime" and pick(work_gmac=SMALL_RUN_GMAC / 2) == "opencv"
+        assert pick(work_gmac=0.0, precision="fp32") == "opencv"
         assert choose_engine("auto", "auto", NONE, fastest_on_cpu=spec.fastest_cpu_engine).engine == "opencv"
+
+
+def test_a_small_run_still_gets_the_engine_asked_for_and_a_usable_gpu():
+    assert choose_engine("onnxruntime", "auto", ORT_CPU, work_gmac=0.01) == EngineChoice("onnxruntime", "cpu")
+    assert choose_engine("auto", "auto", ALL_CUDA, fastest_on_cpu="onnxruntime", work_gmac=0.01).device == "cuda"
+
+
+def test_bf16_on_a_cpu_goes_to_torch_whatever_the_size_of_the_run():
+    for work in (None, 0.01, 100.0):
+        assert choose_engine("auto", "cpu", ORT_AND_TORCH_CPU, fastest_on_cpu="onnxruntime", work_gmac=work,
+                             precision="bf16") == EngineChoice("torch", "cpu")
+    with pytest.raises(ConfigError, match="bf16 on the CPU needs torch"):
+        choose_engine("auto", "cpu", ORT_CPU, fastest_on_cpu="onnxruntime", precision="bf16")

@@ -136,3 +136,28 @@ def test_a_run_without_failures_leaves_no_failed_folder(tmp_path, small_images):
     assert main(["upscale", str(small_images[1]), "--out", str(tmp_path / "out"), *MODEL]) == 0
     assert (tmp_path / "out" / small_images[1].name).exists()
     assert not (tmp_path / "out.failed").exists() and not (tmp_path / "failed").exists()
+
+
+def test_a_small_run_is_weighed_from_its_headers_and_any_other_is_not(tmp_path):
+    from handler.oneshot import SMALL_RUN_BYTES, SMALL_RUN_FILES, small_run_pixels
+    from pipeline.adapters.local_files import LocalFile
+
+    def files(*shapes):
+        out = []
+        for i, (h, w) in enumerate(shapes):
+            path = tmp_path / f"f{len(list(tmp_path.iterdir()))}-{i}.png"
+            cv2.imwrite(str(path), np.full((h, w, 3), 90, np.uint8))
+            out.append(LocalFile(path, path.name))
+        return out
+
+    assert small_run_pixels(files((64, 64), (30, 50))) == 64 * 64 + 30 * 50
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
+    link = tmp_path / "link.png"
+    link.symlink_to(files((40, 40))[0].path)  # the reader never follows it: no pixels either
+    assert small_run_pixels(files((10, 10)) + [LocalFile(broken, "b.png"), LocalFile(link, "l.png")]) == 100
+    assert small_run_pixels(files(*[(8, 8)] * (SMALL_RUN_FILES + 1))) is None
+    noise = tmp_path / "noise.png"  # incompressible: the file alone is over the bytes weighed
+    cv2.imwrite(str(noise), np.random.default_rng(0).integers(0, 256, (1500, 1500, 3), dtype=np.uint8))
+    assert noise.stat().st_size > SMALL_RUN_BYTES and small_run_pixels([LocalFile(noise, "n.png")]) is None
+    assert small_run_pixels([object()]) is None  # an S3 object: its size is not weighed

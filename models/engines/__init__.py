@@ -35,13 +35,15 @@ def probe_hardware(engine: str, device: str) -> Hardware:
                     gpu_present=driver)
 
 
-def load_engine(settings) -> tuple[Engine, "object"]:
-    """Resolve the model, verify its file, and build the engine on the chosen device (ConfigError if impossible)."""
+def load_engine(settings, *, work_pixels: int | None = None) -> tuple[Engine, "object"]:
+    """Resolve the model, verify its file, and build the engine on the chosen device (ConfigError if impossible).
+    `work_pixels`: the input pixels of the whole run where they are known before it starts (a small one-shot)."""
     from models.files import default_model_dir, model_path, verify_file
 
     spec = get_model(settings.model)
+    work_gmac = None if work_pixels is None else work_pixels * spec.macs_per_pixel / 1e9
     choice = choose_engine(settings.engine, settings.device, probe_hardware(settings.engine, settings.device),
-                           fastest_on_cpu=spec.fastest_cpu_engine)
+                           fastest_on_cpu=spec.fastest_cpu_engine, work_gmac=work_gmac, precision=settings.precision)
     if choice.note:
         log.warning(choice.note)
     path = model_path(spec, settings.model_dir or default_model_dir())
@@ -63,5 +65,6 @@ def load_engine(settings) -> tuple[Engine, "object"]:
             raise ConfigError("--engine opencv: precision bf16 is not supported (fp32 only); "
                               "for bf16 on a CPU that has it use --engine torch")
         engine = OpenCVEngine(spec, path, device=choice.device, threads=settings.threads)
-    log.info("engine ready", extra={"fields": {**engine.describe(), "model_file": str(path)}})
+    small = {"run_gmac": round(work_gmac, 3)} if work_gmac is not None else {}  # why auto took the quick starter
+    log.info("engine ready", extra={"fields": {**engine.describe(), "model_file": str(path), **small}})
     return engine, spec

@@ -76,16 +76,26 @@ _NO_CUDA = {
 }
 
 
+# A run known to need less engine work than this (GMAC: input pixels x the model's MACs per pixel) finishes first
+# on OpenCV's engine: its library is loaded anyway (decoding), while onnxruntime's import, session and first run
+# take ~40 ms more and win back ~12 ms per GMAC on FSRCNN-sized convolutions, ~5 on EDSR's (docs/benchmarks.md).
+SMALL_RUN_GMAC = 2.0
+QUICKEST_TO_START = "opencv"
+
+
 def choose_engine(engine: str, device: str, hw: Hardware, *,
-                  fastest_on_cpu: str | tuple[str, ...] = "opencv") -> EngineChoice:
+                  fastest_on_cpu: str | tuple[str, ...] = "opencv", work_gmac: float | None = None,
+                  precision: str = "auto") -> EngineChoice:
     """Pure selection rules. Never a silent CPU run: asking for cuda where nothing can use a GPU is a ConfigError,
     and auto on a machine with a GPU that no installed engine can use says why (`EngineChoice.note`).
 
-    auto picks CUDA when a GPU is usable (`GPU_ORDER`). On a CPU it weighs what the user will wait for: the
-    first installed engine of the model's measured order (`ModelSpec.fastest_cpu_engine`: one name or several,
-    fastest first), measured end to end (docs/benchmarks.md). Never by the size of the run: the engines differ by
-    a rounding level on a few pixels, and the same input under the same settings must give the same bytes in every
-    mode (one-shot, watch, the worker, the server), as the ledger's idea of "already done" assumes.
+    auto picks CUDA when a GPU is usable (`GPU_ORDER`). On a CPU it weighs what the user will wait for, end to
+    end: the first installed engine of the model's measured order (`ModelSpec.fastest_cpu_engine`: one name or
+    several, fastest first), except for a run whose whole engine work is known before the engine loads
+    (`work_gmac`: a one-shot of a few small files) and is under SMALL_RUN_GMAC: that one is over before the
+    faster engine has paid for its start. The engines differ by at most a rounding level on a few pixels; the
+    ledger counts either's output as the result for that input and settings. bf16 on a CPU: torch's engine, the
+    one that computes it.
     """
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}: use {', '.join(ENGINES[:-1])} or {ENGINES[-1]}")
@@ -106,6 +116,12 @@ def choose_engine(engine: str, device: str, hw: Hardware, *,
         note = "a GPU is present but not used: " + "; ".join(reasons)
     if engine != "auto":
         return EngineChoice(engine, "cpu", note)
+    if precision == "bf16":
+        if not hw.installed("torch"):
+            raise ConfigError(f"precision bf16 on the CPU needs torch's engine: {_NOT_INSTALLED['torch']}")
+        return EngineChoice("torch", "cpu", note)
+    if work_gmac is not None and work_gmac < SMALL_RUN_GMAC and precision in ("auto", "fp32"):
+        return EngineChoice(QUICKEST_TO_START, "cpu", note)
     order = (fastest_on_cpu,) if isinstance(fastest_on_cpu, str) else tuple(fastest_on_cpu)
     pick = next((name for name in order if name in ENGINES[1:] and hw.installed(name)), "opencv")
     return EngineChoice(pick, "cpu", note)
