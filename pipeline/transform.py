@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from pipeline import codec
 from pipeline.formats import content_type
-from pipeline.limits import Limits, available_memory, check_dimensions, check_output, check_size
+from pipeline.limits import Limits, check_dimensions, check_output, check_size, recent_available_memory
 from pipeline.tiling import policy_id
 from pipeline.upscale import upscale_frames
 
@@ -60,7 +60,7 @@ class Transform:
         # the output's size against the format, the output limit and memory: refused before any work
         check_output(header.width, header.height, header.frames, header.channels, header.bytes_per_sample,
                      scale=self.spec.scale, policy=opt.policy, cap_side=opt.cap_side, fmt=fmt,
-                     max_output_pixels=opt.max_output_pixels, available_bytes=available_memory(),
+                     max_output_pixels=opt.max_output_pixels, available_bytes=recent_available_memory(),
                      input_bytes=len(data))
         quality = {"JPEG": opt.jpeg_quality, "WEBP": opt.webp_quality}.get(fmt)
         return Plan(header, fmt, ext, content_type(fmt), quality)

@@ -330,3 +330,14 @@ def test_upscale_refuses_lapsrn_x8_on_a_large_input_by_the_output_pixel_limit(tm
     assert (record["stage"], record["error"]) == ("limits", "too_many_output_pixels"), record
     assert "32000x32000" in record["message"] and "SUPERRES_MAX_OUTPUT_PIXELS=300000000" in record["message"]
     assert seconds < 1.0
+
+
+def test_the_reading_items_are_checked_against_is_at_most_a_moment_old(monkeypatch):
+    from pipeline import limits
+
+    readings = iter([5 * GiB, 3 * GiB])
+    monkeypatch.setattr(limits, "available_memory", lambda: next(readings))
+    monkeypatch.setattr(limits, "_last_reading", (float("-inf"), None))
+    assert limits.recent_available_memory(max_age_s=60) == 5 * GiB
+    assert limits.recent_available_memory(max_age_s=60) == 5 * GiB  # within the moment: not read again
+    assert limits.recent_available_memory(max_age_s=0) == 3 * GiB  # older than asked: read again
