@@ -61,7 +61,7 @@ def _engine_options() -> argparse.ArgumentParser:
     g.add_argument("--engine", choices=["auto", "opencv", "onnxruntime", "torch"],
                    help="auto: on a GPU torch, then onnxruntime; on a CPU the model's fastest installed engine")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="GPU engines (auto: fp16 on CUDA; bf16: torch)")
+    g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA, fp32 on a CPU; bf16: torch's engine, on CUDA or a CPU with native bf16")
     g.add_argument("--threads", type=int, help="engine threads (0: library default)")
     return p
 

@@ -31,7 +31,9 @@ from typing import Protocol
 
 from pipeline.errors import TransientError
 
-# Bump when the same settings would give other output bytes (codec, tiling or engine changes).
+# Bump when the same settings would give other output pixels (codec, tiling or engine changes beyond a rounding
+# level). Not for other compressed bytes of the same pixels (a faster PNG writer): the earlier outputs stand, and
+# a bump would have every ledger do all its work again.
 PIPELINE_VERSION = 2
 
 

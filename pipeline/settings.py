@@ -71,7 +71,7 @@ class Settings:
     model_base_url: str | None = None  # a mirror for `models pull` (default: each model's pinned public URL)
     engine: str = setting("auto", choices=("auto", "opencv", "onnxruntime", "torch"))
     device: str = setting("auto", choices=("auto", "cpu", "cuda"))
-    # GPU engines (bf16: torch only); auto: fp16 on CUDA, fp32 on CPU
+    # auto: fp16 on CUDA, fp32 on a CPU; bf16: torch, on CUDA or a CPU that computes it (AVX512-BF16, AMX)
     precision: str = setting("auto", choices=("auto", "fp32", "fp16", "bf16"))
     threads: int = setting(0, ge=0)  # engine threads; 0 = library default
 
@@ -92,9 +92,9 @@ class Settings:
     format: str = setting("keep", choices=("keep", "png", "jpeg", "webp", "tiff"), clean=_format_alias)
     jpeg_quality: int = setting(95, ge=1, le=100)
     webp_quality: int = setting(95, ge=1, le=100)
-    # PNG: fast (OpenCV's level 1, run-length: the quickest, ~12 % larger than level 1) or a zlib level 0-9 (6 is
-    # ~7x slower for ~18 % smaller files, 9 ~40x slower for ~20 %; docs/benchmarks.md). Changes the output bytes,
-    # so it is part of what "already done" means (pipeline/ledger.py). Given as a string or an int.
+    # PNG: fast (pipeline/png.py: UP filter, ISA-L deflate; the quickest, ~4 % larger than level 1) or libpng's
+    # zlib level 0-9 (1 is ~4x slower, 6 ~17x slower for ~12 % smaller files, 9 ~80x for ~14 %; docs/benchmarks.md).
+    # Changes the output bytes, so it is part of what "already done" means (pipeline/ledger.py). A string or an int.
     png_compression: str = setting("fast", choices=("fast", *map(str, range(10))), clean=_png_level)
     quality: int | None = setting(None, ge=1, le=100)  # both of the above, unless one is given itself (from_values)
     suffix: str = setting("", clean=_plain_suffix)  # output names NAME{suffix}.ext (e.g. "_x3": photo_x3.png); default none

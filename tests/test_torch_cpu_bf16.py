@@ -85,6 +85,11 @@ def test_the_other_engines_refuse_bf16_and_name_the_one_that_has_it(engine):
         engines.load_engine(settings(model="espcn-x3", engine=engine, precision="bf16"))
 
 
+def test_opencv_refuses_fp16_rather_than_run_fp32_silently():
+    with pytest.raises(ConfigError, match="--engine opencv: precision fp16 is not supported"):
+        engines.load_engine(settings(model="espcn-x3", engine="opencv", precision="fp16"))
+
+
 # -- numerics: bf16 against fp32 of the same engine, real images -----------------------------------------
 # Measured on this machine (AMD EPYC, avx512_bf16), bf16 vs fp32: EDSR-structured B2 C64 on a Set5 baby x2 crop
 # max 1 level, mean 0.13, 57.0 dB; ESPCN-x3 (Y in 0..1: bf16 keeps 8 bits, about 1/256 near white) on the five

@@ -61,9 +61,9 @@ def load_engine(settings, *, work_pixels: int | None = None) -> tuple[Engine, "o
     else:
         from models.engines.opencv_engine import OpenCVEngine
 
-        if settings.precision == "bf16":  # OpenCV DNN computes in fp32 only; never a silent fp32 run for bf16
-            raise ConfigError("--engine opencv: precision bf16 is not supported (fp32 only); "
-                              "for bf16 on a CPU that has it use --engine torch")
+        if settings.precision not in ("auto", "fp32"):  # OpenCV DNN computes in fp32 here: never a silent fp32 run
+            hint = "; for bf16 on a CPU that has it use --engine torch" if settings.precision == "bf16" else ""
+            raise ConfigError(f"--engine opencv: precision {settings.precision} is not supported (fp32 only){hint}")
         engine = OpenCVEngine(spec, path, device=choice.device, threads=settings.threads)
     small = {"run_gmac": round(work_gmac, 3)} if work_gmac is not None else {}  # why auto took the quick starter
     log.info("engine ready", extra={"fields": {**engine.describe(), "model_file": str(path), **small}})
