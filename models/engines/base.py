@@ -78,7 +78,7 @@ _NO_CUDA = {
 
 # A run known to need less engine work than this (GMAC: input pixels x the model's MACs per pixel) finishes first
 # on OpenCV's engine: its library is loaded anyway (decoding), while onnxruntime's import, session and first run
-# take ~40 ms more and win back ~12 ms per GMAC on FSRCNN-sized convolutions, ~5 on EDSR's (docs/benchmarks.md).
+# take ~40 ms more and win back ~12 ms per GMAC on FSRCNN-sized convolutions, 2-5 on EDSR's (docs/benchmarks.md).
 SMALL_RUN_GMAC = 2.0
 QUICKEST_TO_START = "opencv"
 
