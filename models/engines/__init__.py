@@ -65,6 +65,6 @@ def load_engine(settings, *, work_pixels: int | None = None) -> tuple[Engine, "o
             hint = "; for bf16 on a CPU that has it use --engine torch" if settings.precision == "bf16" else ""
             raise ConfigError(f"--engine opencv: precision {settings.precision} is not supported (fp32 only){hint}")
         engine = OpenCVEngine(spec, path, device=choice.device, threads=settings.threads)
-    small = {"run_gmac": round(work_gmac, 3)} if work_gmac is not None else {}  # why auto took the quick starter
+    small = {"run_gmac": round(work_gmac, 3)} if work_gmac is not None else {}  # the run auto weighed (small-run rule)
     log.info("engine ready", extra={"fields": {**engine.describe(), "model_file": str(path), **small}})
     return engine, spec
