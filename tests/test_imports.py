@@ -64,3 +64,14 @@ def test_default_upscale_imports_only_the_engine_auto_picks(tmp_path, one_image,
 def test_models_list_and_export_import_no_engine_runtime(tmp_path, env):
     assert imported(["models", "list"], env) == set()
     assert imported(["models", "export", "espcn-x2", "--onnx", str(tmp_path / "e.onnx")], env) == {"onnx"}
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("4", "4")])
+def test_openblas_threads_are_one_unless_the_user_says(given, expected):
+    # the pipeline does no BLAS: OpenBLAS's idle threads only spin at start (~0.13 s of CPU); set before numpy loads
+    env = {k: v for k, v in cli_env().items() if k != "OPENBLAS_NUM_THREADS"}
+    if given is not None:
+        env["OPENBLAS_NUM_THREADS"] = given
+    probe = "import os, sys, handler; print(os.environ['OPENBLAS_NUM_THREADS'], 'numpy' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == [expected, "False"], done.stderr
