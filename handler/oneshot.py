@@ -6,7 +6,6 @@ from contextlib import nullcontext
 import signal
 import logging
 import os
-import stat
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pipeline.overlap import run_overlapped
 from pipeline.process import Result
 from pipeline.s3keys import is_s3_uri, parse_s3_uri
 from pipeline.intake import is_temp_name
-from pipeline.adapters.local_files import LocalFile
+from pipeline.adapters.local_files import LocalFile, read_limited
 
 log = logging.getLogger("superres")
 
@@ -221,28 +220,24 @@ SMALL_RUN_BYTES = 4 << 20
 
 def small_run_pixels(sources: list) -> int | None:
     """The input pixels of a run of a few small local files, from their headers (what auto weighs: see
-    models.engines.base.SMALL_RUN_GMAC); None for any other run. A file that cannot be read counts no pixels:
-    the reader says what is wrong with it."""
+    models.engines.base.SMALL_RUN_GMAC); None for any other run. Read as the reader reads them (no symlink, a
+    regular file, within the bytes left); one that cannot be read counts no pixels: the reader says why."""
     from pipeline.codec import read_header
-    from pipeline.errors import InputRejected
+    from pipeline.errors import InputRejected, TransientError
 
     if len(sources) > SMALL_RUN_FILES or not all(isinstance(src, LocalFile) for src in sources):
         return None
-    sizes = []
+    pixels, bytes_left = 0, SMALL_RUN_BYTES
     for src in sources:
         try:
-            st = src.path.lstat()  # as the reader: no symlink followed
-        except OSError:
+            data, _ = read_limited(src.path, bytes_left, root=src.root)
+            bytes_left -= len(data)
+            header = read_header(data)
+        except InputRejected as exc:
+            if exc.code == "too_many_bytes":
+                return None  # more bytes than a small run's
             continue
-        if stat.S_ISREG(st.st_mode):
-            sizes.append((src, st.st_size))
-    if sum(size for _, size in sizes) > SMALL_RUN_BYTES:
-        return None
-    pixels = 0
-    for src, _ in sizes:
-        try:
-            header = read_header(src.path.read_bytes())
-        except (OSError, InputRejected):
+        except TransientError:
             continue
         pixels += header.width * header.height * header.frames
     return pixels

@@ -1,5 +1,6 @@
 """Refusal limits, checked on the header before any pixel is decoded (pure, but for available_memory at the end)."""
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,8 +253,6 @@ def recent_available_memory(max_age_s: float = 0.25) -> int | None:
     the cgroup files (~0.3 ms, a fifth of a small item's reading), while items come faster than memory moves.
     Every item is still checked, against a reading at most that old."""
     global _last_reading
-    import time
-
     taken, value = _last_reading
     now = time.monotonic()
     if now - taken > max_age_s:

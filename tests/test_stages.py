@@ -2,7 +2,10 @@
 item, a clean close; and the bytes -> bytes transform that every driver runs."""
 
 import sqlite3
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -182,10 +185,6 @@ print(reuse_freed_memory(), plain, faults())
 
 def test_freed_item_memory_is_reused_not_faulted_in_again():
     # glibc's default gives freed blocks back to the kernel: every later item's arrays fault in again (zeroed)
-    import subprocess
-    import sys
-    from pathlib import Path
-
     done = subprocess.run([sys.executable, "-c", _FAULTS_PROBE], capture_output=True, text=True, timeout=60,
                           cwd=Path(__file__).resolve().parents[1], check=True)
     was_set, plain, reused = done.stdout.split()

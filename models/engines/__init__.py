@@ -6,7 +6,6 @@ import os
 
 from models.catalog import get_model
 from models.engines.base import Engine, Hardware, choose_engine
-from pipeline.errors import ConfigError
 
 log = logging.getLogger("superres.engine")
 
@@ -48,23 +47,22 @@ def load_engine(settings, *, work_pixels: int | None = None) -> tuple[Engine, "o
         log.warning(choice.note)
     path = model_path(spec, settings.model_dir or default_model_dir())
     verify_file(spec, path)  # a wrong or truncated file is a start-up error, not a per-image one
+    # auto: fp16 on CUDA where the engine has it (OpenCV DNN computes fp32), fp32 on a CPU; each engine refuses
+    # what it cannot compute, never a silent fp32 run
+    half = choice.device == "cuda" and choice.engine != "opencv"
+    precision = settings.precision if settings.precision != "auto" else ("fp16" if half else "fp32")
     if choice.engine == "onnxruntime":
         from models.engines.onnx_engine import OnnxRuntimeEngine
 
-        precision = settings.precision if settings.precision != "auto" else ("fp16" if choice.device == "cuda" else "fp32")
         engine = OnnxRuntimeEngine(spec, path, device=choice.device, precision=precision, threads=settings.threads)
     elif choice.engine == "torch":
         from models.engines.torch_engine import TorchEngine
 
-        precision = settings.precision if settings.precision != "auto" else ("fp16" if choice.device == "cuda" else "fp32")
         engine = TorchEngine(spec, path, device=choice.device, precision=precision, threads=settings.threads)
     else:
         from models.engines.opencv_engine import OpenCVEngine
 
-        if settings.precision not in ("auto", "fp32"):  # OpenCV DNN computes in fp32 here: never a silent fp32 run
-            hint = "; for bf16 on a CPU that has it use --engine torch" if settings.precision == "bf16" else ""
-            raise ConfigError(f"--engine opencv: precision {settings.precision} is not supported (fp32 only){hint}")
-        engine = OpenCVEngine(spec, path, device=choice.device, threads=settings.threads)
+        engine = OpenCVEngine(spec, path, device=choice.device, precision=precision, threads=settings.threads)
     small = {"run_gmac": round(work_gmac, 3)} if work_gmac is not None else {}  # the run auto weighed (small-run rule)
     log.info("engine ready", extra={"fields": {**engine.describe(), "model_file": str(path), **small}})
     return engine, spec

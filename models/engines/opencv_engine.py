@@ -26,7 +26,11 @@ def opencv_has_cuda() -> bool:
 class OpenCVEngine(DnnSuperResIO):
     name = "opencv"
 
-    def __init__(self, spec: ModelSpec, model_file: Path, device: str = "cpu", threads: int = 0):
+    def __init__(self, spec: ModelSpec, model_file: Path, device: str = "cpu", precision: str = "fp32",
+                 threads: int = 0):
+        if precision != "fp32":  # OpenCV DNN computes in fp32 here: never a silent fp32 run for another
+            hint = "; for bf16 on a CPU that has it use --engine torch" if precision == "bf16" else ""
+            raise ConfigError(f"--engine opencv: precision {precision} is not supported (fp32 only){hint}")
         self.spec = spec
         self.scale = spec.scale
         self.device = device
