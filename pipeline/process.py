@@ -172,6 +172,9 @@ class Processor:
         # result waits for another's upload
         self.write_group = WRITE_GROUP if ledger.shares_commits and outbox.shares_commits else 1
         self.tile = self.transform.tile
+        # items the stage runner may run through the engine at once (`side_by_side`: onnxruntime on a CPU); one
+        # where the engine groups items into its calls instead (a GPU)
+        self.lanes = max(1, int(getattr(engine, "side_by_side", 1))) if self.batch == 1 else 1
         self.engine_failure: str | None = None  # set once the engine failed on a valid input: the process is sick
         # progress(tiles_done, tiles_total) during each engine run, on the engine's thread (the one-shot's bar)
         self.on_tiles = None

@@ -12,6 +12,13 @@ and OpenCV's thread pool like one caller); encoding, the one CPU stage that grow
 threads (PNG/JPEG/WebP encoders release the GIL), and the writer takes their results in order. Items ready at
 once share engine calls where the engine batches (a GPU).
 
+Side by side (`Processor.lanes` > 1: onnxruntime on a CPU): the engine thread hands each item to one of a few
+lanes, which runs its engine call and then its encode, so small items' networks run two at a time instead of
+one split across the cores (a small image's layers are too short to split: the engine's own threads spent
+their time waiting for each other and for the cores the other stages held; docs/benchmarks.md). An item whose
+output is over SIDE_BY_SIDE_MAX_PIXELS takes every lane and runs alone: its memory, and all of the engine's
+threads on its tiles. Results still come out in submission order: the writer waits for each item in turn.
+
 An exception that escapes the Processor for one item (a bug, an unwritable failed place) is that item's: its
 Future has it and the runner goes on. Only KeyboardInterrupt/SystemExit are fatal (`failure`): nothing more is
 started, and every later item's Future has it."""
@@ -50,6 +57,11 @@ def reuse_freed_memory() -> bool:
         mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
 
 
+# output pixels over which an item runs alone when the engine runs items side by side (a 2000x2000 output: a
+# few tiles; the memory of two such items in the engine at once is small beside the limits' budget)
+SIDE_BY_SIDE_MAX_PIXELS = 4_000_000
+
+
 def encode_threads() -> int:
     """Encoders: one per core beyond the two the reader and writer use, 1 to 4 (docs/benchmarks.md)."""
     return max(1, min(4, (os.cpu_count() or 1) - 2))
@@ -80,6 +92,10 @@ class StageRunner:
         self._prepared: queue.Queue = queue.Queue(maxsize=max(depth, processor.batch))  # room for a GPU's group
         self._finished: queue.Queue = queue.Queue(maxsize=max(depth, processor.batch))  # a group is put at once
         self._encoders = ThreadPoolExecutor(encoders or encode_threads(), thread_name_prefix="superres-encode")
+        self._lanes = max(1, processor.lanes)
+        self._lane_pool = (ThreadPoolExecutor(self._lanes, thread_name_prefix="superres-lane")
+                           if self._lanes > 1 else None)
+        self._free_lanes = threading.Semaphore(self._lanes)
         self._lock = threading.Lock()
         self._pending = 0  # submitted, result not yet set
         self._closed = False
@@ -124,6 +140,8 @@ class StageRunner:
         self._incoming.put(_END)
         for t in self._threads:
             t.join()
+        if self._lane_pool is not None:
+            self._lane_pool.shutdown(wait=True)
         self._encoders.shutdown(wait=True)
 
     # -- the phases ---------------------------------------------------------------------------------------------
@@ -155,6 +173,23 @@ class StageRunner:
             self._prepared.put(item)
         self._prepared.put(_END)
 
+    def _in_lane(self, job: Job) -> Future:
+        """The item's engine call, then its encode, on a free lane (waiting for one); a big item waits for all."""
+        header = job.plan.header
+        output_pixels = header.width * header.height * header.frames * self.processor.spec.scale ** 2
+        taken = self._lanes if output_pixels > SIDE_BY_SIDE_MAX_PIXELS else 1
+        for _ in range(taken):
+            self._free_lanes.acquire()  # only this thread takes lanes: a big item cannot deadlock with another
+
+        def run() -> None:
+            try:
+                self.processor.run_engine_many([job])  # errors land on the job; finish settles them
+                self.processor.encode(job)
+            finally:
+                for _ in range(taken):
+                    self._free_lanes.release()
+        return self._lane_pool.submit(run)
+
     def _engine(self) -> None:
         ended = False
         while not ended:
@@ -168,6 +203,12 @@ class StageRunner:
             if items[-1] is _END:
                 ended = True
                 items.pop()
+            if self._lane_pool is not None:
+                for item in items:
+                    if isinstance(item.job, Job):
+                        item.encoded = self._in_lane(item.job)
+                    self._finished.put(item)
+                continue
             jobs = [item.job for item in items if isinstance(item.job, Job)]
             if jobs:
                 try:

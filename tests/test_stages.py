@@ -1,6 +1,7 @@
 """The stage runner every driver submits into: many producers, bounded waiting, progress per item, results per
 item, a clean close; and the bytes -> bytes transform that every driver runs."""
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -164,6 +165,80 @@ def test_the_transform_is_what_the_pipeline_publishes(tmp_path, small_images):
         assert data == open(result.output, "rb").read()
         assert ctype == {".jpg": "image/jpeg", ".png": "image/png"}[p.suffix]
     processor.close()
+
+
+def _watch_engine_calls(processor, hold_s: float = 0.05):
+    """Wrap the processor's engine phase: the most items in it at once, and each call's (source, items in it)."""
+    real = processor.run_engine_many
+    lock = threading.Lock()
+    state = {"now": 0, "most": 0, "calls": []}
+
+    def run_engine_many(jobs):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            state["calls"].append((jobs[0].src.rel, state["now"]))
+        try:
+            threading.Event().wait(hold_s)  # long enough that a second lane, if any, is seen running meanwhile
+            return real(jobs)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    processor.run_engine_many = run_engine_many
+    return state
+
+
+def test_small_items_run_side_by_side_with_the_same_bytes_in_submission_order(tmp_path, small_images):
+    """onnxruntime on a CPU: two small items in the engine at once (each call then its encode, on a lane); the
+    outputs are byte for byte those of one item at a time, and results are settled in submission order."""
+    outputs = {}
+    for lanes in (1, 2):
+        processor = processor_for(tmp_path, f"out{lanes}", engine="onnxruntime")
+        assert processor.lanes == min(2, os.cpu_count() or 1)  # what onnxruntime on a CPU asks for
+        processor.lanes = lanes
+        calls = _watch_engine_calls(processor)
+        settled: list[str] = []
+        real_finish = processor.finish_many
+        processor.finish_many = lambda jobs: settled.extend(j.src.rel for j in jobs) or real_finish(jobs)
+        runner = StageRunner(processor, depth=2)
+        futures = [runner.submit(LocalFile(p, p.name)) for p in small_images]
+        results = [f.result(timeout=120) for f in futures]
+        runner.close()
+        processor.close()
+        assert [r.outcome for r in results] == ["done"] * len(small_images)
+        assert settled == [p.name for p in small_images]
+        assert calls["most"] == lanes
+        outputs[lanes] = {r.source.rel: Path(r.output).read_bytes() for r in results}
+    assert outputs[1] == outputs[2]
+
+
+def test_a_big_item_runs_alone_when_items_run_side_by_side(tmp_path, small_images, monkeypatch):
+    import pipeline.stages as stages
+
+    big = tmp_path / "src" / "big.png"
+    cv2.imwrite(str(big), cv2.resize(cv2.imread(str(small_images[1])), (96, 80)))  # 4x the others' pixels
+    monkeypatch.setattr(stages, "SIDE_BY_SIDE_MAX_PIXELS", 40 * 48 * 4)  # x2: the small ones' output, not more
+    processor = processor_for(tmp_path, "out", engine="onnxruntime")
+    processor.lanes = 2
+    calls = _watch_engine_calls(processor)
+    order = small_images[:3] + [big] + small_images[3:6]
+    runner = StageRunner(processor, depth=2)
+    results = [f.result(timeout=120) for f in [runner.submit(LocalFile(p, p.name)) for p in order]]
+    runner.close()
+    processor.close()
+    assert [r.outcome for r in results] == ["done"] * len(order)
+    assert dict(calls["calls"])["big.png"] == 1  # nothing else was in the engine when it started...
+    assert calls["most"] == 2  # ...while the small ones went two at a time
+    assert cv2.imread(results[3].output).shape[:2] == (160, 192)
+
+
+def test_engines_that_group_or_share_state_run_one_item_at_a_time(tmp_path):
+    for name, extra in (("opencv", {}), ("grouped", {"engine": "onnxruntime", "tile_batch": 4})):
+        processor = processor_for(tmp_path, name, **({"engine": "opencv"} | extra))
+        # OpenCV: one cv2.dnn.Net, not for two threads at once; tiles grouped into calls: one call at a time
+        assert processor.lanes == 1, name
+        processor.close()
 
 
 _FAULTS_PROBE = """

@@ -16,6 +16,7 @@ Execution providers, from `device` and `precision`:
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ GPU_PROVIDERS = (TENSORRT, CUDA)
 TRT_MAX_SIDE = 1280  # input px: the largest tile (with overlap) TensorRT's profile covers without a rebuild
 TRT_MAX_BATCH = 16  # tiles per call the profile covers (--tile-batch above the engine's default included)
 PRECISIONS = ("fp32", "fp16")
+SIDE_BY_SIDE = 2  # items at once on a CPU: measured on 2 cores (docs/benchmarks.md); more cores not measured
 
 
 def available_providers() -> list[str]:
@@ -118,6 +120,9 @@ class OnnxRuntimeEngine(DnnSuperResIO):
         if device == "cuda" and not any(p in self.providers for p in GPU_PROVIDERS):
             raise ConfigError("--device cuda: onnxruntime could not use the GPU (no usable CUDA device or CUDA/cuDNN "
                               f"libraries; session providers {self.providers}); run with --device cpu")
+        # a session's run() may be called from several threads at once: on a CPU the stage runner runs two small
+        # items side by side (pipeline/stages.py); a GPU groups items into its calls instead
+        self.side_by_side = min(SIDE_BY_SIDE, os.cpu_count() or 1) if device == "cpu" else 1
         self._input = self._session.get_inputs()[0].name
         self._fixed_batch = self._session.get_inputs()[0].shape[0] == 1  # own models: 1xCxHxW
         self._check_scale()
