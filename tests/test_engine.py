@@ -1,5 +1,6 @@
 """The OpenCV engine reproduces cv2.dnn_superres exactly, checks its inputs up front, and picks devices honestly."""
 
+import os
 import re
 import shutil
 
@@ -207,3 +208,28 @@ def test_bf16_on_a_cpu_goes_to_torch_whatever_the_size_of_the_run():
                              precision="bf16") == EngineChoice("torch", "cpu")
     with pytest.raises(ConfigError, match="bf16 on the CPU needs torch"):
         choose_engine("auto", "cpu", ORT_CPU, fastest_on_cpu="onnxruntime", precision="bf16")
+
+
+_OPENCV_POOL_PROBE = """
+import sys
+import cv2
+from models.engines import load_engine
+from pipeline.settings import load_settings
+before = cv2.getNumThreads()
+load_engine(load_settings(model="fsrcnn-small-x2", model_dir=sys.argv[2], engine=sys.argv[1], device="cpu"))
+print(before, cv2.getNumThreads())
+"""
+
+
+@pytest.mark.parametrize("engine, pool_kept", [("onnxruntime", False), ("opencv", True)])
+def test_opencvs_thread_pool_is_left_to_opencvs_own_engine(engine, pool_kept):
+    """On a CPU, OpenCV's pool only serves the network where OpenCV's DNN is the engine; with another engine its
+    spinning threads would take the cores from the network and the stages."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", _OPENCV_POOL_PROBE, engine, str(SHARED_MODELS)], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1], check=True)
+    before, after = map(int, done.stdout.split())
+    assert after == (before if pool_kept else 1)

@@ -63,6 +63,13 @@ def load_engine(settings, *, work_pixels: int | None = None) -> tuple[Engine, "o
         from models.engines.opencv_engine import OpenCVEngine
 
         engine = OpenCVEngine(spec, path, device=choice.device, precision=precision, threads=settings.threads)
+    if choice.device == "cpu" and choice.engine != "opencv":
+        import cv2
+
+        # OpenCV's pool then only splits our colour conversions and resizes of one tile (too small to split) and
+        # its threads spin after each call, on the cores the network and the other stages need: ~12 % of a
+        # small-image run's CPU (docs/benchmarks.md). OpenCV's own DNN engine keeps it: that is its parallelism.
+        cv2.setNumThreads(1)
     small = {"run_gmac": round(work_gmac, 3)} if work_gmac is not None else {}  # the run auto weighed (small-run rule)
     log.info("engine ready", extra={"fields": {**engine.describe(), "model_file": str(path), **small}})
     return engine, spec
