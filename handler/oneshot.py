@@ -354,7 +354,7 @@ def _upscale_all(settings, processor, sources: list, item_filter: "_OneLinePerIt
             else:
                 write_line("superres: stopping after the items in hand (interrupt again to abandon them)")
 
-    def on_tiles(done: int, total: int) -> None:  # the engine's thread, after each engine call
+    def on_tiles(done: int, total: int) -> None:  # the engine thread or a lane, after each engine call
         nonlocal tiles_note, last_draw
         if len(stopping) > 1:
             raise KeyboardInterrupt  # the item in hand is given back (its claim released), not finished

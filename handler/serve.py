@@ -369,7 +369,7 @@ class Service:
         job = JobState(jid)
         loop = asyncio.get_running_loop()
 
-        def on_progress(done: int, total: int) -> None:  # the engine's thread
+        def on_progress(done: int, total: int) -> None:  # the engine thread or a lane
             loop.call_soon_threadsafe(self._progress, job, done, total)
 
         from pipeline.stages import Closed, Full

@@ -100,7 +100,7 @@ class Job:
     output_pixels: int = 0
     error: BaseException | None = None
     timings: dict = field(default_factory=dict)
-    on_progress: object = None  # (tiles_done, tiles_total) of this item, from the engine's thread
+    on_progress: object = None  # (tiles_done, tiles_total) of this item, from the engine thread or a lane
 
 @dataclass(frozen=True)
 class Options:
@@ -176,7 +176,7 @@ class Processor:
         # where the engine groups items into its calls instead (a GPU)
         self.lanes = max(1, int(getattr(engine, "side_by_side", 1))) if self.batch == 1 else 1
         self.engine_failure: str | None = None  # set once the engine failed on a valid input: the process is sick
-        # progress(tiles_done, tiles_total) during each engine run, on the engine's thread (the one-shot's bar)
+        # progress(tiles_done, tiles_total) during each engine run, on the engine thread or a lane (the one-shot's bar)
         self.on_tiles = None
         # keys being worked on in this process: a second item with the same content waits for the first instead
         # of claiming it again (our own claim would let it through)

@@ -109,7 +109,7 @@ class StageRunner:
 
     def submit(self, src, *, on_progress=None, block: bool = True, timeout: float | None = None) -> Future:
         """Queue one input; its Future gets the Result. `on_progress(tiles_done, tiles_total)` is called from the
-        engine's thread while it is upscaled. Blocks while the incoming queue is full, unless `block` is False
+        engine thread (or a lane) while it is upscaled. Blocks while the incoming queue is full, unless `block` is False
         (then `Full`)."""
         future: Future = Future()
         item = _Item(src, future, on_progress)
