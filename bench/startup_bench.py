@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/startup_bench.py [--model fsrcnn-x4] [--rounds 7] [--images 60] [--engines auto,opencv,...]
 
+(an engine as ENGINE/N runs it with --lanes N: `--engines auto,onnxruntime/1` shows what two lanes bring)
+
 1. Start-up: one 64x64 image, the whole process (interpreter, imports, model load, run, write), `superres upscale`
    with each engine vs the seed script (bench/seed_upscale.py: cv2.dnn_superres read, upsample, write).
 2. End to end: the same on 60 small real images (Set14 + BSD100 LR x4, as they are: 70x70 to 180x125 px).
@@ -53,10 +55,12 @@ def commands(spec, engines: list[str], inputs: list[Path], out: Path, input_arg:
     model_file = SHARED / "models" / spec.filename
     cmds = {"seed script": [sys.executable, str(REPO / "bench" / "seed_upscale.py"), str(model_file), spec.algorithm,
                             str(spec.scale), str(out), *map(str, inputs)]}
-    for engine in engines:
-        cmds[f"superres --engine {engine}"] = [str(BIN / "superres"), "upscale", str(input_arg), "--out", str(out),
-                                               "--engine", engine, "--model", spec.name,
-                                               "--model-dir", str(SHARED / "models"), "-q"]
+    for entry in engines:  # ENGINE, or ENGINE/LANES: that engine with --lanes LANES (e.g. onnxruntime/1)
+        engine, _, lanes = entry.partition("/")
+        label = f"superres --engine {engine}" + (f" --lanes {lanes}" if lanes else "")
+        cmds[label] = [str(BIN / "superres"), "upscale", str(input_arg), "--out", str(out), "--engine", engine,
+                       "--model", spec.name, "--model-dir", str(SHARED / "models"), "-q",
+                       *(["--lanes", lanes] if lanes else [])]
     return cmds
 
 
@@ -73,12 +77,14 @@ def run_rounds(cmds: dict[str, list[str]], out: Path, rounds: int, env: dict) ->
 
 def table(title: str, times: dict[str, list[float]], count: int) -> None:
     seed = statistics.median(times["seed script"])
+    width = max(30, *map(len, times))
     print(f"\n{title}")
-    print(f"| {'command':<30} | {'median s':>8} | {'min s':>6} | {'images/s':>8} | {'speed vs seed':>13} |")
-    print(f"|{'-' * 32}|{'-' * 9}:|{'-' * 7}:|{'-' * 9}:|{'-' * 14}:|")
+    print(f"| {'command':<{width}} | {'median s':>8} | {'min s':>6} | {'images/s':>8} | {'speed vs seed':>13} |")
+    print(f"|{'-' * (width + 2)}|{'-' * 9}:|{'-' * 7}:|{'-' * 9}:|{'-' * 14}:|")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"| {name:<30} | {median:8.3f} | {min(values):6.3f} | {count / median:8.1f} | {seed / median:12.2f}x |")
+        print(f"| {name:<{width}} | {median:8.3f} | {min(values):6.3f} | {count / median:8.1f} | "
+              f"{seed / median:12.2f}x |")
 
 
 def main() -> None:

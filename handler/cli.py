@@ -63,6 +63,8 @@ def _engine_options() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
     g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="auto: fp16 on CUDA, fp32 on a CPU; bf16: torch's engine, on CUDA or a CPU with native bf16")
     g.add_argument("--threads", type=int, help="engine threads (0: library default)")
+    g.add_argument("--lanes", type=int, help="items in the engine at once (0: the engine's choice: onnxruntime on a "
+                                             "CPU 2, others 1)")
     return p
 
 
@@ -345,8 +347,10 @@ def run_info(settings: Settings) -> int:
         return 0
     engine, spec = load_engine(settings)
     batch = settings.tile_batch or engine.default_batch()
+    from pipeline.process import engine_lanes
+
     doc = {**engine.describe(), "context_px": spec.context_px, "tile": settings.tile or engine.default_tile(batch),
-           "tile_batch": batch,
+           "tile_batch": batch, "lanes": engine_lanes(engine, settings.lanes, batch),
            "settings": settings.as_json_dict()}
     print(json.dumps(doc, indent=2))
     return 0

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from models.engines import load_engine
 from pipeline.errors import ConfigError
-from pipeline.process import Options, Processor
+from pipeline.process import Options, Processor, engine_lanes
 from pipeline.s3keys import is_s3_uri, parse_s3_uri
 from pipeline.settings import timing_problems
 
@@ -36,6 +36,7 @@ def open_processor(settings, mode: str = "oneshot", *, max_receive_count: int | 
     check_places(settings, [("outbox", outbox_at, "folder"), ("failed place", failed, "folder"),
                             ("ledger", ledger_at, "prefix" if is_s3_uri(ledger_at) else "file")])
     engine, spec = _engine(settings, work_pixels)  # after the cheap checks above, before anything is created
+    engine_lanes(engine, settings.lanes, settings.tile_batch or engine.default_batch())  # refused before any place
     clients = _Clients(settings.s3_endpoint_url)
     outbox, failed_place = open_place(outbox_at, clients), open_place(failed, clients)
     ledger = open_ledger(ledger_at, settings.lease_s, clients)

@@ -14,7 +14,7 @@ from pathlib import PurePosixPath
 from typing import NamedTuple, Protocol
 
 from pipeline import codec
-from pipeline.errors import EngineFailure, InputRejected, SuperresError, TransientError
+from pipeline.errors import ConfigError, EngineFailure, InputRejected, SuperresError, TransientError
 from pipeline.ledger import (ClaimBusy, ClaimLost, ClaimOutcome, Done, Ledger, Publishing, SourceRow, dedup_key,
                              output_intact, output_variant, request_id)
 from pipeline.limits import Limits
@@ -120,6 +120,7 @@ class Options:
     output_name: str | None = None  # `--out big.png`: the one output's name in the outbox folder
     overwrite: bool = False  # settled sources are new work again, and their outputs are published over
     png_compression: str = "fast"  # codec.PNG_COMPRESSIONS
+    lanes: int = 0  # items in the engine at once; 0: the engine's choice (engine_lanes)
 
     @classmethod
     def from_settings(cls, s) -> "Options":
@@ -128,12 +129,29 @@ class Options:
             policy=s.policy, cap_side=s.cap_side, tile=s.tile, tile_batch=s.tile_batch, out_format=s.format,
             jpeg_quality=s.jpeg_quality, webp_quality=s.webp_quality, dedup=s.dedup,
             on_duplicate=s.on_duplicate, disposition=s.disposition, suffix=s.suffix,
-            output_name=s.output_file(), overwrite=s.overwrite, png_compression=s.png_compression,
+            output_name=s.output_file(), overwrite=s.overwrite, png_compression=s.png_compression, lanes=s.lanes,
         )
 
     def transform(self) -> TransformOptions:
         return TransformOptions(self.limits, self.max_output_pixels, self.policy, self.cap_side, self.out_format,
                                 self.jpeg_quality, self.webp_quality, self.tile, self.tile_batch, self.png_compression)
+
+
+def engine_lanes(engine, asked: int, batch: int) -> int:
+    """Items the stage runner runs through the engine at once: `asked`, else the engine's `side_by_side`
+    (onnxruntime on a CPU: 2); at most its `max_side_by_side` (1 for an engine one thread at a time must use:
+    OpenCV's one cv2.dnn.Net, torch, a GPU session), and 1 where tiles are grouped into calls (`batch` > 1)."""
+    default = int(getattr(engine, "side_by_side", 1))
+    most = int(getattr(engine, "max_side_by_side", default))
+    if not asked:
+        return max(1, min(default, most)) if batch == 1 else 1
+    if asked > 1 and batch > 1:
+        raise ConfigError(f"--lanes {asked} with {batch} tiles per engine call: grouped calls run one at a time "
+                          "(give one of the two)")
+    if asked > most:
+        held = "one item" if most <= 1 else f"at most {most} items"
+        raise ConfigError(f"--lanes {asked}: the {engine.name} engine on {engine.device} runs {held} at a time")
+    return asked
 
 
 def output_rel(rel: str, ext: str, suffix: str = "") -> str:
@@ -172,9 +190,7 @@ class Processor:
         # result waits for another's upload
         self.write_group = WRITE_GROUP if ledger.shares_commits and outbox.shares_commits else 1
         self.tile = self.transform.tile
-        # items the stage runner may run through the engine at once (`side_by_side`: onnxruntime on a CPU); one
-        # where the engine groups items into its calls instead (a GPU)
-        self.lanes = max(1, int(getattr(engine, "side_by_side", 1))) if self.batch == 1 else 1
+        self.lanes = engine_lanes(engine, options.lanes, self.batch)
         self.engine_failure: str | None = None  # set once the engine failed on a valid input: the process is sick
         # progress(tiles_done, tiles_total) during each engine run, on the engine thread or a lane (the one-shot's bar)
         self.on_tiles = None

@@ -74,6 +74,9 @@ class Settings:
     # auto: fp16 on CUDA, fp32 on a CPU; bf16: torch, on CUDA or a CPU that computes it (AVX512-BF16, AMX)
     precision: str = setting("auto", choices=("auto", "fp32", "fp16", "bf16"))
     threads: int = setting(0, ge=0)  # engine threads; 0 = library default
+    # items in the engine at once, side by side (each its own engine call and encode); 0: the engine's choice
+    # (onnxruntime on a CPU: 2, at most the cores; every other engine, and grouped calls on a GPU: 1)
+    lanes: int = setting(0, ge=0, le=16)
 
     # resize policy and refusal limits (the limits apply to every input, whatever the policy)
     policy: str = setting("tile", choices=("tile", "cap"))

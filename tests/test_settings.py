@@ -19,7 +19,7 @@ DEFAULTS = {
     "inbox": None, "outbox": None, "failed": None, "processed": None, "ledger": None, "s3_endpoint_url": None,
     "queue_url": None, "batch_size": 1, "visibility_s": 300, "wait_s": 20, "in_flight": 0, "model": "",
     "scale": None, "model_dir": None, "model_base_url": None, "engine": "auto", "device": "auto",
-    "precision": "auto", "threads": 0, "policy": "tile", "tile": 0, "tile_batch": 0, "cap_side": 500,
+    "precision": "auto", "threads": 0, "lanes": 0, "policy": "tile", "tile": 0, "tile_batch": 0, "cap_side": 500,
     "max_bytes": 209715200, "max_pixels": 50000000, "max_side": 30000, "min_side": 1,
     "max_output_pixels": 300000000, "format": "keep", "jpeg_quality": 95, "webp_quality": 95,
     "png_compression": "fast", "quality": None, "suffix": "", "overwrite": False, "dedup": True,
@@ -43,7 +43,7 @@ CHOICES = {
 # (lowest allowed, highest allowed or None) for the integer fields with bounds
 INT_LIMITS = {
     "batch_size": (1, 10), "visibility_s": (10, 43200), "wait_s": (0, 20), "in_flight": (0, 256),
-    "scale": (1, None), "threads": (0, None), "tile": (0, None), "tile_batch": (0, None), "cap_side": (1, None),
+    "scale": (1, None), "threads": (0, None), "lanes": (0, 16), "tile": (0, None), "tile_batch": (0, None), "cap_side": (1, None),
     "max_bytes": (1, None), "max_pixels": (1, None), "max_side": (1, None), "min_side": (1, None),
     "max_output_pixels": (1, None), "jpeg_quality": (1, 100), "webp_quality": (1, 100), "quality": (1, 100),
     "metrics_port": (0, 65535), "port": (0, 65535), "queue_max": (1, None),

@@ -230,3 +230,14 @@ def test_models_verify_says_ok_bad_and_missing(tmp_path):
     assert rows["lapsrn-x8"].split()[1] == "missing"
     bundled = sum(spec.bundled for spec in CATALOG.values())  # ours, always there
     assert result.stdout.splitlines()[0].startswith(f"checked {2 + bundled} model file(s)")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--engine", "opencv", "--lanes", "2"], ["--lanes 2", "opencv", "one item at a time"]),
+    (["--engine", "onnxruntime", "--lanes", "2", "--tile-batch", "4"], ["--lanes 2", "grouped calls"]),
+    (["--engine", "onnxruntime", "--lanes", "17"], ["lanes", "at most 16"]),
+])
+def test_lanes_an_engine_cannot_run(tmp_path, inbox, args, words):
+    before = tree(tmp_path)
+    one_line_exit_2(run("upscale", inbox, "--out", tmp_path / "out", *MODEL, *args), *words)
+    assert tree(tmp_path) == before  # refused before the outbox, the failed place or the ledger exist

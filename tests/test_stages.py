@@ -267,3 +267,27 @@ def test_freed_item_memory_is_reused_not_faulted_in_again():
         pytest.skip("no glibc mallopt here")
     # measured: ~91,000 page faults by default, ~4,600 once set (the first round's, after the earlier trims)
     assert int(reused) * 5 < int(plain)
+
+
+class _EngineLike:
+    def __init__(self, name, device, **lanes):
+        self.name, self.device = name, device
+        self.__dict__.update(lanes)
+
+
+def test_lanes_are_the_engines_choice_unless_asked_and_never_more_than_it_can_take():
+    from pipeline.errors import ConfigError
+    from pipeline.process import engine_lanes
+
+    onnx_cpu = _EngineLike("onnxruntime", "cpu", side_by_side=2, max_side_by_side=16)
+    one_at_a_time = _EngineLike("opencv", "cpu")  # no side_by_side: one item at a time
+    assert engine_lanes(onnx_cpu, 0, 1) == 2
+    assert engine_lanes(onnx_cpu, 0, 4) == 1  # tiles grouped into calls: one call at a time
+    assert engine_lanes(onnx_cpu, 1, 1) == 1 and engine_lanes(onnx_cpu, 5, 1) == 5
+    assert engine_lanes(one_at_a_time, 0, 1) == engine_lanes(one_at_a_time, 1, 1) == 1
+    with pytest.raises(ConfigError, match="opencv engine on cpu runs one item at a time"):
+        engine_lanes(one_at_a_time, 2, 1)
+    with pytest.raises(ConfigError, match="grouped calls"):
+        engine_lanes(onnx_cpu, 2, 4)
+    with pytest.raises(ConfigError, match="at most 16 items"):
+        engine_lanes(onnx_cpu, 17, 1)

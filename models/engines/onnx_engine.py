@@ -33,6 +33,7 @@ TRT_MAX_SIDE = 1280  # input px: the largest tile (with overlap) TensorRT's prof
 TRT_MAX_BATCH = 16  # tiles per call the profile covers (--tile-batch above the engine's default included)
 PRECISIONS = ("fp32", "fp16")
 SIDE_BY_SIDE = 2  # items at once on a CPU: measured on 2 cores (docs/benchmarks.md); more cores not measured
+MAX_SIDE_BY_SIDE = 16  # the most `--lanes` may ask for on a CPU (settings' bound)
 
 
 def available_providers() -> list[str]:
@@ -123,6 +124,7 @@ class OnnxRuntimeEngine(DnnSuperResIO):
         # a session's run() may be called from several threads at once: on a CPU the stage runner runs two small
         # items side by side (pipeline/stages.py); a GPU groups items into its calls instead
         self.side_by_side = min(SIDE_BY_SIDE, os.cpu_count() or 1) if device == "cpu" else 1
+        self.max_side_by_side = MAX_SIDE_BY_SIDE if device == "cpu" else 1  # --lanes: what the user may ask
         self._input = self._session.get_inputs()[0].name
         self._fixed_batch = self._session.get_inputs()[0].shape[0] == 1  # own models: 1xCxHxW
         self._check_scale()
