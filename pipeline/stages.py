@@ -183,7 +183,10 @@ class StageRunner:
 
         def run() -> None:
             try:
-                self.processor.run_engine_many([job])  # errors land on the job; finish settles them
+                try:
+                    self.processor.run_engine_many([job])  # errors land on the job; finish settles them
+                except BaseException as exc:  # noqa: BLE001 - as on the engine thread: the job's, settled by finish
+                    job.error = exc
                 self.processor.encode(job)
             finally:
                 for _ in range(taken):

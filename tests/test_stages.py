@@ -291,3 +291,26 @@ def test_lanes_are_the_engines_choice_unless_asked_and_never_more_than_it_can_ta
         engine_lanes(onnx_cpu, 2, 4)
     with pytest.raises(ConfigError, match="at most 16 items"):
         engine_lanes(onnx_cpu, 17, 1)
+
+
+def test_an_error_escaping_the_engine_in_a_lane_is_that_items_and_holds_no_claim(tmp_path, small_images):
+    """A bug in the engine phase (not an engine failure it reports) on a lane: as on the engine thread, the item is
+    settled by the writer (given back, its claim released) and the others are done."""
+    processor = processor_for(tmp_path, "out", engine="onnxruntime")
+    processor.lanes = 2
+    real = processor.run_engine_many
+    broken = small_images[1].name
+
+    def run_engine_many(jobs):
+        if jobs[0].src.rel == broken:
+            raise RuntimeError("a bug in the engine phase")
+        return real(jobs)
+
+    processor.run_engine_many = run_engine_many
+    runner = StageRunner(processor, depth=2)
+    results = [f.result(timeout=120) for f in [runner.submit(LocalFile(p, p.name)) for p in small_images[:4]]]
+    runner.close()
+    assert [r.outcome for r in results][0] == "done" and results[2].outcome == results[3].outcome == "done"
+    assert results[1].outcome != "done" and "a bug in the engine phase" in results[1].detail
+    assert not processor._inflight and not processor._claims  # nothing held: a stop is not kept waiting
+    processor.close()
