@@ -30,6 +30,7 @@ import threading
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
+from pipeline.limits import output_size
 from pipeline.process import Job, Processor, Result
 
 log = logging.getLogger("superres")
@@ -173,20 +174,25 @@ class StageRunner:
             self._prepared.put(item)
         self._prepared.put(_END)
 
+    def _run_engine(self, jobs: list[Job]) -> None:
+        try:
+            self.processor.run_engine_many(jobs)  # errors land on the jobs; finish settles them
+        except BaseException as exc:  # noqa: BLE001 - the jobs' too: finish settles them, releasing the claims
+            for job in jobs:
+                job.error = exc
+
     def _in_lane(self, job: Job) -> Future:
         """The item's engine call, then its encode, on a free lane (waiting for one); a big item waits for all."""
-        header = job.plan.header
-        output_pixels = header.width * header.height * header.frames * self.processor.spec.scale ** 2
-        taken = self._lanes if output_pixels > SIDE_BY_SIDE_MAX_PIXELS else 1
+        header, opt = job.plan.header, self.processor.opt
+        width, height = output_size(header.width, header.height, scale=self.processor.spec.scale,
+                                    policy=opt.policy, cap_side=opt.cap_side)
+        taken = self._lanes if width * height * header.frames > SIDE_BY_SIDE_MAX_PIXELS else 1
         for _ in range(taken):
             self._free_lanes.acquire()  # only this thread takes lanes: a big item cannot deadlock with another
 
         def run() -> None:
             try:
-                try:
-                    self.processor.run_engine_many([job])  # errors land on the job; finish settles them
-                except BaseException as exc:  # noqa: BLE001 - as on the engine thread: the job's, settled by finish
-                    job.error = exc
+                self._run_engine([job])
                 self.processor.encode(job)
             finally:
                 for _ in range(taken):
@@ -214,11 +220,7 @@ class StageRunner:
                 continue
             jobs = [item.job for item in items if isinstance(item.job, Job)]
             if jobs:
-                try:
-                    self.processor.run_engine_many(jobs)  # errors land on the jobs; finish settles them
-                except BaseException as exc:  # noqa: BLE001
-                    for job in jobs:
-                        job.error = exc
+                self._run_engine(jobs)
             for item in items:
                 if isinstance(item.job, Job) and item.job.error is None:
                     item.encoded = self._encoders.submit(self.processor.encode, item.job)
