@@ -131,8 +131,8 @@ class Variants:
     def prepare(self, src):
         return self._of.get(src, self.base).prepare(src)
 
-    def run_engine_many(self, jobs):
-        return self.base.run_engine_many(jobs)
+    def run_engine_many(self, jobs, workers: int = 1):
+        return self.base.run_engine_many(jobs, workers)
 
     def encode(self, job):
         return self._of.get(job.src, self.base).encode(job)

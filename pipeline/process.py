@@ -338,9 +338,10 @@ class Processor:
     def run_engine(self, job: "Job") -> "Job":
         return self.run_engine_many([job])[0]
 
-    def run_engine_many(self, jobs: list["Job"]) -> list["Job"]:
-        """The tiles of several images share engine calls (a GPU wants many per call). If anything fails, the
-        jobs are run again one by one, so one bad image costs only itself."""
+    def run_engine_many(self, jobs: list["Job"], workers: int = 1) -> list["Job"]:
+        """The tiles of several images share engine calls (a GPU wants many per call), `workers` calls at once
+        (lanes the stage runner gave). If anything fails, the jobs are run again one by one, so one bad image
+        costs only itself."""
         t = time.perf_counter()
         frames = [f for job in jobs for f in job.image.frames]
         owner = [job for job in jobs for _ in job.image.frames]  # frame -> its job
@@ -355,24 +356,28 @@ class Processor:
                     mine = [counts[id(f)] for f in job.image.frames]
                     job.on_progress(sum(d for d, _ in mine), sum(t for _, t in mine))
         try:
-            ups = iter(self.transform.upscale(frames, progress=self.on_tiles, progress_each=each))
+            ups = iter(self.transform.upscale(frames, progress=self.on_tiles, progress_each=each, workers=workers))
             for job in jobs:
                 job.frames = [next(ups) for _ in job.image.frames]
                 job.timings["upscale"] = (time.perf_counter() - t) / len(jobs)  # shared calls: an even share each
             return jobs
         except InputRejected as exc:  # the input's own fault (refused by a rule of the upscale stage)
             if len(jobs) > 1:
-                return [self.run_engine(job) for job in jobs]
+                return [self.run_engine_many([job], workers)[0] for job in jobs]
             jobs[0].error = exc
         except Exception as exc:  # noqa: BLE001 - an input that passed every limit: the engine is at fault
             if len(jobs) > 1:
-                return [self.run_engine(job) for job in jobs]
+                return [self.run_engine_many([job], workers)[0] for job in jobs]
             jobs[0].error = self._engine_failed(exc)
         except BaseException as exc:
             for job in jobs:
                 job.error = exc
         jobs[0].timings["upscale"] = time.perf_counter() - t
         return jobs
+
+    def engine_tiles(self, job: "Job") -> int:
+        """The tiles the engine runs for this prepared item (the stage runner's lanes rule)."""
+        return self.transform.tiles(job.image.frames)
 
     def _engine_failed(self, exc: BaseException) -> EngineFailure:
         what = exc.message if isinstance(exc, SuperresError) else f"{type(exc).__name__}: {exc}"

@@ -13,11 +13,13 @@ threads (PNG/JPEG/WebP encoders release the GIL), and the writer takes their res
 once share engine calls where the engine batches (a GPU).
 
 Side by side (`Processor.lanes` > 1: onnxruntime on a CPU): the engine thread hands each item to one of a few
-lanes, which runs its engine call and then its encode, so small items' networks run two at a time instead of
-one split across the cores (a small image's layers are too short to split: the engine's own threads spent
-their time waiting for each other and for the cores the other stages held; docs/benchmarks.md). An item whose
-output is over SIDE_BY_SIDE_MAX_PIXELS takes every lane and runs alone: its memory, and all of the engine's
-threads on its tiles. Results still come out in submission order: the writer waits for each item in turn.
+lanes, which runs its engine call and then its encode, so small items' networks run several at a time, each on
+one thread, instead of one split across the cores (a small image's layers are too short to split: the engine's
+own threads spent their time waiting for each other and for the cores the other stages held; docs/benchmarks.md).
+An item of several tiles also takes the lanes free when it starts, its tiles side by side on them (alone, it
+has every core); an item whose output is over SIDE_BY_SIDE_MAX_PIXELS waits for every lane and runs alone (its
+memory). The extra lanes go back before the item's encode. Results still come out in submission order: the
+writer waits for each item in turn.
 
 An exception that escapes the Processor for one item (a bug, an unwritable failed place) is that item's: its
 Future has it and the runner goes on. Only KeyboardInterrupt/SystemExit are fatal (`failure`): nothing more is
@@ -174,28 +176,49 @@ class StageRunner:
             self._prepared.put(item)
         self._prepared.put(_END)
 
-    def _run_engine(self, jobs: list[Job]) -> None:
+    def _run_engine(self, jobs: list[Job], workers: int = 1) -> None:
         try:
-            self.processor.run_engine_many(jobs)  # errors land on the jobs; finish settles them
+            self.processor.run_engine_many(jobs, workers=workers)  # errors land on the jobs; finish settles them
         except BaseException as exc:  # noqa: BLE001 - the jobs' too: finish settles them, releasing the claims
             for job in jobs:
                 job.error = exc
 
-    def _in_lane(self, job: Job) -> Future:
-        """The item's engine call, then its encode, on a free lane (waiting for one); a big item waits for all."""
+    def _take_lanes(self, job: Job) -> int:
+        """Lanes for this item (waiting for one): a big item waits for all of them; an item of several tiles
+        also takes those free now, its tiles running on them side by side."""
         header, opt = job.plan.header, self.processor.opt
         width, height = output_size(header.width, header.height, scale=self.processor.spec.scale,
                                     policy=opt.policy, cap_side=opt.cap_side)
-        taken = self._lanes if width * height * header.frames > SIDE_BY_SIDE_MAX_PIXELS else 1
-        for _ in range(taken):
-            self._free_lanes.acquire()  # only this thread takes lanes: a big item cannot deadlock with another
+        big = width * height * header.frames > SIDE_BY_SIDE_MAX_PIXELS
+        self._free_lanes.acquire()  # only this thread takes lanes: a big item cannot deadlock with another
+        taken = 1
+        if big:
+            for _ in range(self._lanes - 1):
+                self._free_lanes.acquire()
+            return self._lanes
+        try:
+            tiles = self.processor.engine_tiles(job)
+        except Exception:  # noqa: BLE001 - a frame the engine phase will refuse: it says why, on one lane
+            tiles = 1
+        while taken < min(self._lanes, tiles) and self._free_lanes.acquire(blocking=False):
+            taken += 1
+        return taken
+
+    def _in_lane(self, job: Job) -> Future:
+        """The item's engine call on the lanes it takes, then its encode on one of them (the others go back
+        first: they take the next items)."""
+        taken = self._take_lanes(job)
 
         def run() -> None:
+            held = taken
             try:
-                self._run_engine([job])
+                self._run_engine([job], workers=taken)
+                for _ in range(held - 1):
+                    self._free_lanes.release()
+                held = 1
                 self.processor.encode(job)
             finally:
-                for _ in range(taken):
+                for _ in range(held):
                     self._free_lanes.release()
         return self._lane_pool.submit(run)
 

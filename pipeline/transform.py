@@ -11,7 +11,7 @@ from pipeline import codec
 from pipeline.formats import content_type
 from pipeline.limits import Limits, check_dimensions, check_output, check_size, recent_available_memory
 from pipeline.tiling import policy_id
-from pipeline.upscale import upscale_frames
+from pipeline.upscale import engine_tiles, upscale_frames
 
 
 @dataclass(frozen=True)
@@ -69,12 +69,17 @@ class Transform:
         return codec.decode(data, plan.header)
 
     def upscale(self, frames: list, *, progress: Callable[[int, int], None] | None = None,
-                progress_each: Callable[[int, int, int], None] | None = None) -> list:
+                progress_each: Callable[[int, int, int], None] | None = None, workers: int = 1) -> list:
         """Frames of one or several images, their tiles sharing engine calls. `progress(done, total)` counts all
-        tiles; `progress_each(frame_index, done, total)` each frame's."""
+        tiles; `progress_each(frame_index, done, total)` each frame's. `workers`: engine calls at once."""
         return upscale_frames(frames, self.engine, policy=self.opt.policy, cap_side=self.opt.cap_side,
                               tile=self.tile, context=self.spec.context_px, batch=self.batch, progress=progress,
-                              progress_each=progress_each)
+                              progress_each=progress_each, workers=workers)
+
+    def tiles(self, frames: list) -> int:
+        """The tiles `upscale` runs for these frames."""
+        return engine_tiles(frames, policy=self.opt.policy, cap_side=self.opt.cap_side, tile=self.tile,
+                            context=self.spec.context_px)
 
     def encode(self, image: codec.DecodedImage, frames: list, plan: Plan) -> bytes:
         image.frames = frames

@@ -258,3 +258,31 @@ def test_upscale_with_onnxruntime_matches_opencv_through_the_whole_pipeline(tmp_
         assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, name
         assert max_levels(ours, theirs) <= 1, name
     assert outs["onnxruntime"]["alpha.png"].shape[2] == 4 and outs["onnxruntime"]["deep.png"].dtype == np.uint16
+
+
+def test_thin_models_run_one_thread_per_call_side_by_side_and_heavier_ones_keep_the_sessions_threads(tmp_path):
+    """FSRCNN-sized networks: one thread per run, runs side by side, one per core (what is fastest on a CPU,
+    docs/benchmarks.md); heavier ones: onnxruntime's threads on each run, two runs at a time. --lanes and
+    --threads are the user's."""
+    import os
+
+    from models.engines import load_engine
+    from models.engines.onnx_engine import SIDE_BY_SIDE, THIN_MOST_LANES, OnnxRuntimeEngine
+    from pipeline.settings import load_settings
+
+    cores = os.cpu_count() or 1
+
+    def engine(name, **kw):
+        spec = CATALOG[name]
+        return OnnxRuntimeEngine(spec, SHARED_MODELS / spec.filename, cache_dir=tmp_path, **kw)
+
+    thin = engine("fsrcnn-x2")
+    assert thin.side_by_side == min(cores, THIN_MOST_LANES)
+    assert thin.threads == (1 if cores > 1 else 0) and thin.describe()["threads_per_call"] == (thin.threads or "all")
+    assert (engine("fsrcnn-x2", lanes=1).side_by_side, engine("fsrcnn-x2", lanes=1).threads) == (1, 0)
+    assert engine("fsrcnn-x2", threads=3).threads == 3
+    heavy = engine("espcn-x2")
+    assert (heavy.side_by_side, heavy.threads) == (min(cores, SIDE_BY_SIDE), 0)
+    settings = load_settings(model="fsrcnn-x2", model_dir=SHARED_MODELS, engine="onnxruntime", lanes=1)
+    loaded, _ = load_engine(settings)
+    assert (loaded.side_by_side, loaded.threads) == (1, 0)  # the setting reaches the engine

@@ -173,14 +173,14 @@ def _watch_engine_calls(processor, hold_s: float = 0.05):
     lock = threading.Lock()
     state = {"now": 0, "most": 0, "calls": []}
 
-    def run_engine_many(jobs):
+    def run_engine_many(jobs, **kw):
         with lock:
             state["now"] += 1
             state["most"] = max(state["most"], state["now"])
             state["calls"].append((jobs[0].src.rel, state["now"]))
         try:
             threading.Event().wait(hold_s)  # long enough that a second lane, if any, is seen running meanwhile
-            return real(jobs)
+            return real(jobs, **kw)
         finally:
             with lock:
                 state["now"] -= 1
@@ -195,7 +195,7 @@ def test_small_items_run_side_by_side_with_the_same_bytes_in_submission_order(tm
     outputs = {}
     for lanes in (1, 2):
         processor = processor_for(tmp_path, f"out{lanes}", engine="onnxruntime")
-        assert processor.lanes == min(2, os.cpu_count() or 1)  # what onnxruntime on a CPU asks for
+        assert processor.lanes == min(8, os.cpu_count() or 1)  # onnxruntime on a CPU, a thin model: one per core
         processor.lanes = lanes
         calls = _watch_engine_calls(processor)
         settled: list[str] = []
@@ -231,6 +231,57 @@ def test_a_big_item_runs_alone_when_items_run_side_by_side(tmp_path, small_image
     assert dict(calls["calls"])["big.png"] == 1  # nothing else was in the engine when it started...
     assert calls["most"] == 2  # ...while the small ones went two at a time
     assert cv2.imread(results[3].output).shape[:2] == (160, 192)
+
+
+def _count_lanes(processor, hold_s: float = 0.05):
+    """Wrap the processor's engine phase: the lanes (workers) each call was given, and the most in use at once."""
+    real = processor.run_engine_many
+    lock = threading.Lock()
+    state = {"now": 0, "most": 0, "workers": []}
+
+    def run_engine_many(jobs, workers=1):
+        with lock:
+            state["now"] += workers
+            state["most"] = max(state["most"], state["now"])
+            state["workers"].append((jobs[0].src.rel, workers))
+        try:
+            threading.Event().wait(hold_s)
+            return real(jobs, workers=workers)
+        finally:
+            with lock:
+                state["now"] -= workers
+
+    processor.run_engine_many = run_engine_many
+    return state
+
+
+def test_an_item_of_several_tiles_takes_the_lanes_that_are_free(tmp_path, small_images):
+    """Alone, an item's tiles run on every lane; among other items, no more lanes are in use than there are;
+    the outputs are byte for byte those of one lane. An item of one tile takes one lane, even alone."""
+    outputs = {}
+    for lanes in (1, 2):
+        processor = processor_for(tmp_path, f"out{lanes}", engine="onnxruntime", tile=32)  # 40x48: 4 tiles
+        processor.lanes = lanes
+        state = _count_lanes(processor)
+        runner = StageRunner(processor, depth=2)
+        first = runner.submit(LocalFile(small_images[0], small_images[0].name)).result(timeout=120)
+        results = [first] + [f.result(timeout=120)
+                             for f in [runner.submit(LocalFile(p, p.name)) for p in small_images[1:]]]
+        runner.close()
+        processor.close()
+        assert [r.outcome for r in results] == ["done"] * len(small_images)
+        assert state["workers"][0] == (small_images[0].name, lanes)  # alone: every lane
+        assert state["most"] == lanes  # never more
+        outputs[lanes] = {r.source.rel: Path(r.output).read_bytes() for r in results}
+    assert outputs[1] == outputs[2]
+    processor = processor_for(tmp_path, "one-tile", engine="onnxruntime")
+    processor.lanes = 2
+    state = _count_lanes(processor)
+    runner = StageRunner(processor, depth=2)
+    assert runner.submit(LocalFile(small_images[0], small_images[0].name)).result(timeout=120).outcome == "done"
+    runner.close()
+    processor.close()
+    assert state["workers"] == [(small_images[0].name, 1)]
 
 
 def test_engines_that_group_or_share_state_run_one_item_at_a_time(tmp_path):
@@ -301,10 +352,10 @@ def test_an_error_escaping_the_engine_in_a_lane_is_that_items_and_holds_no_claim
     real = processor.run_engine_many
     broken = small_images[1].name
 
-    def run_engine_many(jobs):
+    def run_engine_many(jobs, **kw):
         if jobs[0].src.rel == broken:
             raise RuntimeError("a bug in the engine phase")
-        return real(jobs)
+        return real(jobs, **kw)
 
     processor.run_engine_many = run_engine_many
     runner = StageRunner(processor, depth=2)

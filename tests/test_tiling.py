@@ -95,3 +95,77 @@ def test_out_of_memory_at_the_smallest_tile_is_a_transient_error():
     small = SmallDevice(OpenCVEngine(spec, SHARED_MODELS / spec.filename), budget_px=10)
     with pytest.raises(TransientError, match="smallest tile"):
         upscale_frame(lr_image("baby", 2)[:80, :80], small, policy="tile", cap_side=500, tile=64, context=8)
+
+
+class _Overlapping:
+    """A real engine that records how many calls run at once (each held a moment so that overlap shows)."""
+
+    def __init__(self, engine, fail_on_call: int | None = None):
+        import threading
+
+        self.engine, self.scale, self.fail_on_call = engine, engine.scale, fail_on_call
+        self._lock, self.now, self.most, self.calls = threading.Lock(), 0, 0, 0
+
+    def upscale(self, image):
+        import time
+
+        with self._lock:
+            self.calls += 1
+            self.now += 1
+            self.most = max(self.most, self.now)
+            call = self.calls
+        try:
+            time.sleep(0.02)
+            if call == self.fail_on_call:
+                raise RuntimeError("the engine broke on a tile")
+            return self.engine.upscale(image)
+        finally:
+            with self._lock:
+                self.now -= 1
+
+
+def _onnxruntime_engine(name: str, tmp_path):
+    from models.engines.onnx_engine import OnnxRuntimeEngine
+
+    spec = CATALOG[name]
+    return spec, OnnxRuntimeEngine(spec, SHARED_MODELS / spec.filename, cache_dir=tmp_path)
+
+
+def test_tiles_on_several_workers_equal_one_worker_and_report_progress_in_order(tmp_path):
+    from pipeline.upscale import upscale_frames
+
+    spec, engine = _onnxruntime_engine("fsrcnn-small-x2", tmp_path)
+    bgr = lr_image("baby", 2)[:150, :140]
+    bgra = np.dstack([bgr, np.full(bgr.shape[:2], 200, np.uint8)])  # its alpha: more tiles, of another kind
+    outputs, seen = {}, {}
+    for workers in (1, 3):
+        counting = _Overlapping(engine)
+        progress = []
+        outputs[workers] = upscale_frames([bgr, bgra], counting, policy="tile", cap_side=500, tile=64,
+                                          context=spec.context_px, progress=lambda d, t: progress.append((d, t)),
+                                          workers=workers)
+        seen[workers] = (counting.most, progress)
+    assert all(np.array_equal(a, b) for a, b in zip(outputs[1], outputs[3]))
+    assert seen[1][0] == 1 and seen[3][0] == 3  # one call at a time, then three
+    total = 3 * 3 * 3  # 9 tiles of 64 px each: the colour of both frames and the alpha
+    assert seen[3][1] == seen[1][1] == [(done, total) for done in range(1, total + 1)]
+
+
+def test_an_engine_error_on_one_workers_tile_is_raised_and_starts_nothing_more(tmp_path):
+    from pipeline.upscale import upscale_many
+
+    spec, engine = _onnxruntime_engine("fsrcnn-small-x2", tmp_path)
+    broken = _Overlapping(engine, fail_on_call=2)
+    with pytest.raises(RuntimeError, match="broke on a tile"):
+        upscale_many([lr_image("baby", 2)[:150, :140]], broken, tile=32, context=spec.context_px, workers=2)
+    assert broken.calls <= 4  # 25 tiles: the ones under way when it broke, not the rest
+    assert broken.now == 0  # and none is left running
+
+
+def test_engine_tiles_counts_what_upscale_frames_runs():
+    from pipeline.upscale import engine_tiles
+
+    gray, bgra = np.zeros((100, 130), np.uint8), np.zeros((64, 64, 4), np.uint8)
+    assert engine_tiles([gray], policy="tile", cap_side=500, tile=64, context=8) == 2 * 3
+    assert engine_tiles([gray, bgra], policy="tile", cap_side=500, tile=64, context=8) == 6 + 2  # alpha: again
+    assert engine_tiles([gray], policy="cap", cap_side=64, tile=64, context=8) == 1  # shrunk first

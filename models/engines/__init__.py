@@ -54,7 +54,8 @@ def load_engine(settings, *, work_pixels: int | None = None) -> tuple[Engine, "o
     if choice.engine == "onnxruntime":
         from models.engines.onnx_engine import OnnxRuntimeEngine
 
-        engine = OnnxRuntimeEngine(spec, path, device=choice.device, precision=precision, threads=settings.threads)
+        engine = OnnxRuntimeEngine(spec, path, device=choice.device, precision=precision, threads=settings.threads,
+                                   lanes=settings.lanes)
     elif choice.engine == "torch":
         from models.engines.torch_engine import TorchEngine
 

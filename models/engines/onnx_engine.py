@@ -6,7 +6,7 @@ the EDSR-structured graph); 1.5-3x faster than cv2.dnn on a CPU (docs/benchmarks
 Execution providers, from `device` and `precision`:
 - cpu: CPUExecutionProvider, fp32, all graph optimisations, the NCHWc conv layouts only where the model's
   family is faster with them (`ModelSpec.onnxruntime_blocked`), threads not spinning between runs (the decode
-  and encode stages share the cores);
+  and encode stages share the cores); for thin models one thread per run, runs side by side (THIN_MODEL_*);
 - cuda: TensorrtExecutionProvider (fp16 when precision is fp16, engines cached beside the ONNX cache, one
   optimisation profile for tiles up to `TRT_MAX_SIDE`) where this onnxruntime build has it, then
   CUDAExecutionProvider (on a graph exported in fp16 for precision fp16). If neither ends up in the session,
@@ -32,8 +32,14 @@ GPU_PROVIDERS = (TENSORRT, CUDA)
 TRT_MAX_SIDE = 1280  # input px: the largest tile (with overlap) TensorRT's profile covers without a rebuild
 TRT_MAX_BATCH = 16  # tiles per call the profile covers (--tile-batch above the engine's default included)
 PRECISIONS = ("fp32", "fp16")
-SIDE_BY_SIDE = 2  # items at once on a CPU: measured on 2 cores (docs/benchmarks.md); more cores not measured
+SIDE_BY_SIDE = 2  # items at once on a CPU, sharing the session's threads: measured on 2 cores (docs/benchmarks.md)
 MAX_SIDE_BY_SIDE = 16  # the most `--lanes` may ask for on a CPU (settings' bound)
+# Models at most this heavy (FSRCNN, fast-*) have layers too thin for onnxruntime's threads to share: each call
+# runs on one thread, and calls run side by side, one per core (up to THIN_MOST_LANES): 1.3-1.8x the throughput of
+# one call on two threads, on 96-256 px tiles (docs/benchmarks.md). Heavier ones (ESPCN 1.04-1.11x, quality-*
+# 1.09-1.16x, LapSRN and EDSR 1.00x) keep the session's threads: no faster that way, and one image is not slower.
+THIN_MODEL_MACS_PER_PIXEL = 16_000
+THIN_MOST_LANES = 8  # memory: this many small items at once (bigger ones run alone)
 
 
 def available_providers() -> list[str]:
@@ -82,7 +88,7 @@ class OnnxRuntimeEngine(DnnSuperResIO):
     name = "onnxruntime"
 
     def __init__(self, spec: ModelSpec, model_file: Path, device: str = "cpu", precision: str = "fp32",
-                 threads: int = 0, cache_dir: Path | None = None):
+                 threads: int = 0, cache_dir: Path | None = None, lanes: int = 0):
         import onnxruntime
 
         from models.files import onnx_cache_dir
@@ -106,8 +112,16 @@ class OnnxRuntimeEngine(DnnSuperResIO):
         options.graph_optimization_level = levels.ORT_ENABLE_ALL if blocked else levels.ORT_ENABLE_EXTENDED
         self.conv_layout = "nchwc" if blocked else "nchw"
         options.log_severity_level = 3  # warnings about fallbacks are ours to say, in our log
-        if threads > 0:
-            options.intra_op_num_threads = threads
+        # a session's run() may be called from several threads at once: on a CPU the stage runner runs small items
+        # (and a big one's tiles) side by side (pipeline/stages.py); a GPU groups items into its calls instead
+        cores = os.cpu_count() or 1
+        thin = device == "cpu" and spec.macs_per_pixel <= THIN_MODEL_MACS_PER_PIXEL
+        auto = min(cores, THIN_MOST_LANES) if thin else min(SIDE_BY_SIDE, cores)
+        self.side_by_side = (lanes or auto) if device == "cpu" else 1
+        self.max_side_by_side = MAX_SIDE_BY_SIDE if device == "cpu" else 1  # --lanes: what the user may ask
+        self.threads = threads or (1 if thin and self.side_by_side > 1 else 0)  # 0: onnxruntime's (one per core)
+        if self.threads > 0:
+            options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         # spinning workers would burn the cores the decode/encode stages need between two runs
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -121,10 +135,6 @@ class OnnxRuntimeEngine(DnnSuperResIO):
         if device == "cuda" and not any(p in self.providers for p in GPU_PROVIDERS):
             raise ConfigError("--device cuda: onnxruntime could not use the GPU (no usable CUDA device or CUDA/cuDNN "
                               f"libraries; session providers {self.providers}); run with --device cpu")
-        # a session's run() may be called from several threads at once: on a CPU the stage runner runs two small
-        # items side by side (pipeline/stages.py); a GPU groups items into its calls instead
-        self.side_by_side = min(SIDE_BY_SIDE, os.cpu_count() or 1) if device == "cpu" else 1
-        self.max_side_by_side = MAX_SIDE_BY_SIDE if device == "cpu" else 1  # --lanes: what the user may ask
         self._input = self._session.get_inputs()[0].name
         self._fixed_batch = self._session.get_inputs()[0].shape[0] == 1  # own models: 1xCxHxW
         self._check_scale()
@@ -159,7 +169,7 @@ class OnnxRuntimeEngine(DnnSuperResIO):
 
         return {"engine": self.name, "device": self.device, "model": self.spec.name, "scale": self.scale,
                 "precision": self.precision, "onnxruntime": onnxruntime.__version__, "providers": self.providers,
-                "conv_layout": self.conv_layout}
+                "conv_layout": self.conv_layout, "threads_per_call": self.threads or "all"}
 
     def default_batch(self) -> int:
         return 4 if self.device == "cuda" else 1
