@@ -35,9 +35,10 @@ PRECISIONS = ("fp32", "fp16")
 SIDE_BY_SIDE = 2  # items at once on a CPU, sharing the session's threads: measured on 2 cores (docs/benchmarks.md)
 MAX_SIDE_BY_SIDE = 16  # the most `--lanes` may ask for on a CPU (settings' bound)
 # Models at most this heavy (FSRCNN, fast-*) have layers too thin for onnxruntime's threads to share: each call
-# runs on one thread, and calls run side by side, one per core (up to THIN_MOST_LANES): 1.3-1.8x the throughput of
-# one call on two threads, on 96-256 px tiles (docs/benchmarks.md). Heavier ones (ESPCN 1.04-1.11x, quality-*
-# 1.09-1.16x, LapSRN and EDSR 1.00x) keep the session's threads: no faster that way, and one image is not slower.
+# runs on one thread, and calls run side by side, one per core (up to THIN_MOST_LANES): 1.2-2.1x the throughput of
+# one call on two threads, on 96-256 px tiles (bench/side_by_side_bench.py). Heavier ones (ESPCN 1.04-1.17x,
+# quality-* 0.90-1.16x, LapSRN 1.00-1.03x) keep the session's threads: little or no faster side by side, and one
+# image alone would take up to twice as long.
 THIN_MODEL_MACS_PER_PIXEL = 16_000
 THIN_MOST_LANES = 8  # memory: this many small items at once (bigger ones run alone)
 
