@@ -134,8 +134,8 @@ class Variants:
     def run_engine_many(self, jobs, workers: int = 1):
         return self.base.run_engine_many(jobs, workers)
 
-    def encode(self, job):
-        return self._of.get(job.src, self.base).encode(job)
+    def encode(self, job, workers: int = 1):
+        return self._of.get(job.src, self.base).encode(job, workers)
 
     def finish_many(self, jobs):
         """Each variant's items published together, the results in the order given."""

@@ -506,9 +506,9 @@ def _encode_pil(
 
 
 def encode(image: DecodedImage, fmt: str, *, jpeg_quality: int = 95, webp_quality: int = 95,
-           png_compression: str = PNG_COMPRESSION_FAST) -> bytes:
+           png_compression: str = PNG_COMPRESSION_FAST, workers: int = 1) -> bytes:
     """Encode the (upscaled) frames of `image` as `fmt`: a Pillow format name (output_format's) or a --format one.
-    `png_compression`: one of PNG_COMPRESSIONS."""
+    `png_compression`: one of PNG_COMPRESSIONS. `workers`: threads for our PNG writer's bands (the same bytes)."""
     desc = REQUESTABLE.get(fmt.strip().lower()) or format_named(fmt)
     fmt = desc.name
     if not image.frames:
@@ -531,7 +531,7 @@ def encode(image: DecodedImage, fmt: str, *, jpeg_quality: int = 95, webp_qualit
         if fmt == "TIFF" and frame.dtype == np.uint8 and (image.icc_profile or image.exif):
             return _encode_pil([frame], fmt, image, jpeg_quality, webp_quality)  # OpenCV drops TIFF metadata
         if fmt == "PNG" and png_compression == PNG_COMPRESSION_FAST:
-            return encode_png(frame, icc_profile=image.icc_profile, exif=_bare_exif(image.exif))
+            return encode_png(frame, icc_profile=image.icc_profile, exif=_bare_exif(image.exif), workers=workers)
         return _encode_cv2(frame, fmt, image, jpeg_quality, webp_quality, png_compression)
     except InputRejected:
         raise

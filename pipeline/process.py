@@ -387,15 +387,16 @@ class Processor:
 
     # -- phase 3: encode, publish, ledger, disposition -------------------------------------------------------------
 
-    def encode(self, job: "Job") -> None:
+    def encode(self, job: "Job", workers: int = 1) -> None:
         """Encode the upscaled frames and stage the bytes (locally: written and fsynced under a temporary name):
         the staged output, or the error, lands on the job. On its own so that the stage runner's encoders run it
-        on several items at once, off the writer's path; `finish_many` publishes in order."""
+        on several items at once, off the writer's path; `finish_many` publishes in order. `workers`: threads
+        for one big image's encode (the same bytes)."""
         if job.error is not None or job.staged is not None:
             return
         t = time.perf_counter()
         try:
-            job.encoded = self.transform.encode(job.image, job.frames, job.plan)
+            job.encoded = self.transform.encode(job.image, job.frames, job.plan, workers)
             job.timings["encode"] = time.perf_counter() - t
             t = time.perf_counter()
             # the temporary name is this item's (content and settings) and this process's: nobody else writes it

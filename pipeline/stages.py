@@ -18,7 +18,7 @@ one thread, instead of one split across the cores (a small image's layers are to
 own threads spent their time waiting for each other and for the cores the other stages held; docs/benchmarks.md).
 An item of several tiles also takes the lanes free when it starts, its tiles side by side on them (alone, it
 has every core); an item whose output is over SIDE_BY_SIDE_MAX_PIXELS waits for every lane and runs alone (its
-memory). The extra lanes go back before the item's encode. Results still come out in submission order: the
+memory), its encode too (a PNG's bands on every lane). Another item's extra lanes go back before its encode. Results still come out in submission order: the
 writer waits for each item in turn.
 
 An exception that escapes the Processor for one item (a bug, an unwritable failed place) is that item's: its
@@ -183,15 +183,16 @@ class StageRunner:
             for job in jobs:
                 job.error = exc
 
-    def _take_lanes(self, job: Job) -> int:
-        """Lanes for this item (waiting for one): a big item waits for all of them; an item of several tiles
-        also takes those free now, its tiles running on them side by side."""
+    def _is_big(self, job: Job) -> bool:
         header, opt = job.plan.header, self.processor.opt
         width, height = output_size(header.width, header.height, scale=self.processor.spec.scale,
                                     policy=opt.policy, cap_side=opt.cap_side)
-        big = width * height * header.frames > SIDE_BY_SIDE_MAX_PIXELS
+        return width * height * header.frames > SIDE_BY_SIDE_MAX_PIXELS
+
+    def _take_lanes(self, job: Job, big: bool) -> int:
+        """Lanes for this item (waiting for one): a big item waits for all of them; an item of several tiles
+        also takes those free now, its tiles running on them side by side."""
         self._free_lanes.acquire()  # only this thread takes lanes: a big item cannot deadlock with another
-        taken = 1
         if big:
             for _ in range(self._lanes - 1):
                 self._free_lanes.acquire()
@@ -200,23 +201,27 @@ class StageRunner:
             tiles = self.processor.engine_tiles(job)
         except Exception:  # noqa: BLE001 - a frame the engine phase will refuse: it says why, on one lane
             tiles = 1
+        taken = 1
         while taken < min(self._lanes, tiles) and self._free_lanes.acquire(blocking=False):
             taken += 1
         return taken
 
     def _in_lane(self, job: Job) -> Future:
-        """The item's engine call on the lanes it takes, then its encode on one of them (the others go back
-        first: they take the next items)."""
-        taken = self._take_lanes(job)
+        """The item's engine call on the lanes it takes, then its encode: a big item's on all of them (it runs
+        alone: its PNG's bands deflated side by side), any other's on one (the others go back first, for the
+        next items)."""
+        big = self._is_big(job)
+        taken = self._take_lanes(job, big)
 
         def run() -> None:
             held = taken
             try:
                 self._run_engine([job], workers=taken)
-                for _ in range(held - 1):
-                    self._free_lanes.release()
-                held = 1
-                self.processor.encode(job)
+                if not big:
+                    for _ in range(held - 1):
+                        self._free_lanes.release()
+                    held = 1
+                self.processor.encode(job, workers=held)
             finally:
                 for _ in range(held):
                     self._free_lanes.release()

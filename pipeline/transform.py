@@ -81,10 +81,10 @@ class Transform:
         return engine_tiles(frames, policy=self.opt.policy, cap_side=self.opt.cap_side, tile=self.tile,
                             context=self.spec.context_px)
 
-    def encode(self, image: codec.DecodedImage, frames: list, plan: Plan) -> bytes:
+    def encode(self, image: codec.DecodedImage, frames: list, plan: Plan, workers: int = 1) -> bytes:
         image.frames = frames
         return codec.encode(image, plan.fmt, jpeg_quality=self.opt.jpeg_quality, webp_quality=self.opt.webp_quality,
-                            png_compression=self.opt.png_compression)
+                            png_compression=self.opt.png_compression, workers=workers)
 
     def __call__(self, data: bytes) -> tuple[bytes, Plan]:
         """The whole transform, one phase after the other."""

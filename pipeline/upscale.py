@@ -6,9 +6,7 @@ across frames and across images (`upscale_frames`): a GPU wants many small tiles
 each on its own thread: an image's tiles then use the cores the way several images do."""
 
 import logging
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
 
 import cv2
@@ -16,6 +14,7 @@ import numpy as np
 
 from pipeline.codec import merge_alpha, split_alpha
 from pipeline.errors import DeviceOutOfMemory, TransientError
+from pipeline.in_order import map_in_order
 from pipeline.tiling import capped_size, plan_tiles
 
 log = logging.getLogger("superres.upscale")
@@ -64,27 +63,9 @@ def upscale_many(images: list[np.ndarray], engine, tile: int, context: int, batc
                 dones[i] += sum(1 for j, _ in chunk if j == i)
                 progress_each(i, dones[i], totals[i])
 
-    if workers <= 1 or len(chunks) <= 1:
-        for chunk in chunks:
-            place(chunk, run(chunk))
-        return outs
     # at most `workers` calls in flight, placed in order: memory is that many tiles, whatever the image
-    with ThreadPoolExecutor(min(workers, len(chunks)), thread_name_prefix="superres-tile") as pool:
-        todo, running = iter(chunks), deque()
-        try:
-            for chunk in todo:
-                running.append((chunk, pool.submit(run, chunk)))
-                if len(running) == workers:
-                    break
-            while running:
-                chunk, call = running.popleft()
-                ups = call.result()
-                if (following := next(todo, None)) is not None:
-                    running.append((following, pool.submit(run, following)))
-                place(chunk, ups)
-        finally:
-            for _, call in running:  # an error: nothing more is started; the calls under way are waited for
-                call.cancel()
+    for chunk, ups in zip(chunks, map_in_order(run, chunks, min(workers, len(chunks)), "superres-tile")):
+        place(chunk, ups)
     return outs
 
 

@@ -107,3 +107,19 @@ def test_about_the_size_of_libpngs_fastest_on_upscaled_photos():
 def test_what_png_cannot_hold_is_refused(pixels):
     with pytest.raises(ValueError):
         png.encode_png(pixels)
+
+
+def test_bands_deflated_on_several_threads_give_the_same_bytes():
+    photo = cv2.resize(cv2.imread(str(PHOTO)), None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
+    one = png.encode_png(photo, band_bytes=200_000)  # ~40 bands
+    assert png.encode_png(photo, band_bytes=200_000, workers=3) == one
+    assert np.array_equal(cv2.imdecode(np.frombuffer(one, np.uint8), cv2.IMREAD_UNCHANGED), photo)
+    idat = b"".join(body for kind, body in _chunks(one) if kind == b"IDAT")
+    assert len(zlib.decompress(idat)) == photo.shape[0] * (photo.shape[1] * 3 + 1)  # zlib checks the adler32
+
+
+@pytest.mark.parametrize("cut", [0, 1, 5000, 65521, 200_000])
+def test_adler32_of_two_parts_is_the_adler32_of_the_whole(cut):
+    data = np.random.default_rng(cut).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+    first, second = data[:cut], data[cut:]
+    assert png.adler32_combine(zlib.adler32(first), zlib.adler32(second), len(second)) == zlib.adler32(data)

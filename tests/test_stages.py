@@ -59,8 +59,8 @@ def test_a_busy_writer_publishes_in_groups_and_a_lost_claim_costs_only_its_item(
     sizes: list[int] = []
     real_encode, real_finish = processor.encode, processor.finish_many
 
-    def encode(job):
-        real_encode(job)
+    def encode(job, workers=1):
+        real_encode(job, workers)
         encoded.release()
 
     def finish_many(jobs):
@@ -222,6 +222,9 @@ def test_a_big_item_runs_alone_when_items_run_side_by_side(tmp_path, small_image
     processor = processor_for(tmp_path, "out", engine="onnxruntime")
     processor.lanes = 2
     calls = _watch_engine_calls(processor)
+    encoders: dict[str, int] = {}
+    real_encode = processor.encode
+    processor.encode = lambda job, workers=1: encoders.setdefault(job.src.rel, workers) and real_encode(job, workers)
     order = small_images[:3] + [big] + small_images[3:6]
     runner = StageRunner(processor, depth=2)
     results = [f.result(timeout=120) for f in [runner.submit(LocalFile(p, p.name)) for p in order]]
@@ -230,6 +233,7 @@ def test_a_big_item_runs_alone_when_items_run_side_by_side(tmp_path, small_image
     assert [r.outcome for r in results] == ["done"] * len(order)
     assert dict(calls["calls"])["big.png"] == 1  # nothing else was in the engine when it started...
     assert calls["most"] == 2  # ...while the small ones went two at a time
+    assert encoders.pop("big.png") == 2 and set(encoders.values()) == {1}  # its encode on both lanes, theirs on one
     assert cv2.imread(results[3].output).shape[:2] == (160, 192)
 
 
