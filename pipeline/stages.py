@@ -18,8 +18,8 @@ one thread, instead of one split across the cores (a small image's layers are to
 own threads spent their time waiting for each other and for the cores the other stages held; docs/benchmarks.md).
 An item of several tiles also takes the lanes free when it starts, its tiles side by side on them (alone, it
 has every core); an item whose output is over SIDE_BY_SIDE_MAX_PIXELS waits for every lane and runs alone (its
-memory), its encode too (a PNG's bands on every lane). Another item's extra lanes go back before its encode. Results still come out in submission order: the
-writer waits for each item in turn.
+memory), its encode too (a PNG's bands on every lane). Another item's extra lanes go back before its encode.
+Results still come out in submission order: the writer waits for each item in turn.
 
 An exception that escapes the Processor for one item (a bug, an unwritable failed place) is that item's: its
 Future has it and the runner goes on. Only KeyboardInterrupt/SystemExit are fatal (`failure`): nothing more is
