@@ -63,8 +63,9 @@ def upscale_many(images: list[np.ndarray], engine, tile: int, context: int, batc
                 dones[i] += sum(1 for j, _ in chunk if j == i)
                 progress_each(i, dones[i], totals[i])
 
-    # at most `workers` calls in flight, placed in order: memory is that many tiles, whatever the image
-    for chunk, ups in zip(chunks, map_in_order(run, chunks, min(workers, len(chunks)), "superres-tile")):
+    # at most `workers` calls in flight, placed in order: memory is that many tiles, whatever the image (the
+    # results drive the loop, so their threads are done with when it ends)
+    for ups, chunk in zip(map_in_order(run, chunks, min(workers, len(chunks)), "superres-tile"), chunks):
         place(chunk, ups)
     return outs
 

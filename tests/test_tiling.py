@@ -149,6 +149,13 @@ def test_tiles_on_several_workers_equal_one_worker_and_report_progress_in_order(
     assert seen[1][0] == 1 and seen[3][0] == 3  # one call at a time, then three
     total = 3 * 3 * 3  # 9 tiles of 64 px each: the colour of both frames and the alpha
     assert seen[3][1] == seen[1][1] == [(done, total) for done in range(1, total + 1)]
+    assert not _tile_threads()  # done with when the call returns
+
+
+def _tile_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("superres-tile")]
 
 
 def test_an_engine_error_on_one_workers_tile_is_raised_and_starts_nothing_more(tmp_path):
@@ -159,7 +166,7 @@ def test_an_engine_error_on_one_workers_tile_is_raised_and_starts_nothing_more(t
     with pytest.raises(RuntimeError, match="broke on a tile"):
         upscale_many([lr_image("baby", 2)[:150, :140]], broken, tile=32, context=spec.context_px, workers=2)
     assert broken.calls <= 4  # 25 tiles: the ones under way when it broke, not the rest
-    assert broken.now == 0  # and none is left running
+    assert broken.now == 0 and not _tile_threads()  # and none is left running
 
 
 def test_engine_tiles_counts_what_upscale_frames_runs():
