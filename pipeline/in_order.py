@@ -2,16 +2,17 @@
 image's tiles through the engine, a PNG's bands through deflate)."""
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 _NONE = object()
 
 
-def map_in_order(fn: Callable, items: Iterable, workers: int, thread_name: str = "superres-worker") -> Iterator:
-    """fn(item) for each item, at most `workers` at once, yielded in the items' order: memory holds that many
-    results whatever the number of items. An error is raised at its item: nothing after it is started, and the
-    calls under way are waited for. One worker: on the calling thread, no thread started."""
+def map_in_order(fn: Callable, items: Sequence, workers: int, thread_name: str = "superres-worker") -> Iterator:
+    """fn(item) for each item, at most `workers` at once (never more threads than items), yielded in the items'
+    order: memory holds that many results whatever the number of items. An error is raised at its item: nothing
+    after it is started, and the calls under way are waited for. One worker: on the calling thread, no thread."""
+    workers = min(workers, len(items))
     if workers <= 1:
         yield from map(fn, items)
         return

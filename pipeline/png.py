@@ -96,8 +96,8 @@ def encode_png(pixels: np.ndarray, *, icc_profile: bytes | None = None, exif: by
     band = max(1, band_bytes // row_bytes)
     tops = range(0, height, band)
     adler, ahead = 1, ZLIB_HEADER  # adler32 of nothing; the header goes before the first band's data
-    bands = map_in_order(lambda top: _deflated_band(pixels, top, band, channels, level), tops,
-                         min(workers, len(tops)), "superres-png")
+    bands = map_in_order(lambda top: _deflated_band(pixels, top, band, channels, level), tops, workers,
+                         "superres-png")
     for i, (data, band_adler, size) in enumerate(bands):
         adler = adler32_combine(adler, band_adler, size)
         tail = struct.pack(">I", adler) if i == len(tops) - 1 else b""

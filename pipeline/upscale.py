@@ -65,7 +65,7 @@ def upscale_many(images: list[np.ndarray], engine, tile: int, context: int, batc
 
     # at most `workers` calls in flight, placed in order: memory is that many tiles, whatever the image (the
     # results drive the loop, so their threads are done with when it ends)
-    for ups, chunk in zip(map_in_order(run, chunks, min(workers, len(chunks)), "superres-tile"), chunks):
+    for ups, chunk in zip(map_in_order(run, chunks, workers, "superres-tile"), chunks):
         place(chunk, ups)
     return outs
 
