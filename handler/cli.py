@@ -199,6 +199,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings(**{k: v for k, v in vars(args).items() if k in SETTING_NAMES})
 
 
+def dump_stacks_on_sigusr1() -> None:
+    """`kill -USR1 PID` writes every thread's stack to stderr and the process goes on: what a process that
+    seems stuck is waiting on, without a debugger."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
@@ -207,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         from handler.logs import setup_logging
 
         setup_logging(settings.log_format, settings.log_level)
+        dump_stacks_on_sigusr1()
         if args.command == "upscale":
             from handler.oneshot import run_upscale
 

@@ -1,7 +1,10 @@
 """Shared test fixtures. Real data is read in place from ../shared (never copied into the project)."""
 
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -18,6 +21,28 @@ def superres_cmd() -> list[str]:
     """The installed console script, run as a real process."""
     exe = Path(sys.executable).with_name("superres")
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "handler.cli"]
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 60, log: Path | None = None) -> int:
+    """SIGTERM, then its exit code (see wait_stopped)."""
+    proc.send_signal(signal.SIGTERM)
+    return wait_stopped(proc, timeout_s, log)
+
+
+def wait_stopped(proc: subprocess.Popen, timeout_s: float = 60, log: Path | None = None) -> int:
+    """The exit code of a process asked to stop. One that has not stopped within timeout_s is asked for its
+    threads' stacks (SIGUSR1: the CLI's faulthandler writes them to its stderr) and killed; the error carries
+    the end of `log`, where its stderr goes, so that a slow stop says what it was waiting on."""
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        proc.wait()
+        tail = Path(log).read_text(errors="replace")[-12000:] if log is not None and Path(log).exists() else ""
+        raise AssertionError(f"pid {proc.pid} did not stop within {timeout_s} s of SIGTERM; the end of its log, "
+                             f"with its threads' stacks:\n{tail}") from None
 
 
 def cli_env(**extra: str) -> dict:

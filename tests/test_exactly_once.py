@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import DATASETS, SHARED_MODELS, cli_env, superres_cmd
+from conftest import DATASETS, SHARED_MODELS, cli_env, superres_cmd, wait_stopped
 from handler.cli import main
 from moto_server import aws_env, queue_depth, queue_with_dlq, s3_event
 from moto_server import keys as all_keys
@@ -212,8 +212,8 @@ def test_two_watchers_sharing_an_outbox_upscale_each_item_once_with_a_lease_shor
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
-        for p in procs:
-            p.wait(timeout=60)
+        for p, log in zip(procs, logs):
+            wait_stopped(p, 60, log)
     done = [json.loads(line) for log in logs for line in log.read_text().splitlines()
             if line.startswith("{") and '"outcome": "done"' in line]
     assert sorted(d["source"] for d in done) == sorted(str(inbox / f"p{i}.png") for i in range(2))

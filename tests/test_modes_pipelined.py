@@ -8,7 +8,6 @@ The engine here takes ~90 ms per 96x96 image; the CPU stages (read, hash, ledger
 ~25 ms on this machine's two shared cores: the engine is the bottleneck, as a GPU running EDSR is."""
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from conftest import DATASETS, REPO, cli_env, superres_cmd
+from conftest import DATASETS, REPO, cli_env, stop_process, superres_cmd
 from handler.enqueue import s3_event_body
 from moto_server import aws_env
 
@@ -48,11 +47,6 @@ def wait_for(condition, timeout_s: float = 90.0) -> None:
     assert condition(), "timed out"
 
 
-def stop(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=60)
-
-
 def engine_busy(log: Path) -> tuple[float, list]:
     calls = read_log(log)
     return busy_fraction(calls), calls
@@ -69,7 +63,7 @@ def run_local_watch(tmp_path: Path, name: str, **extra: str) -> tuple[float, lis
     try:
         wait_for(lambda: outbox.is_dir() and len(list(outbox.glob("*.png"))) == ITEMS)
     finally:
-        assert stop(proc) == 0
+        assert stop_process(proc, 60, tmp_path / f"{name}.log") == 0
     for i in range(ITEMS):  # right size: the double upscales, and every output is there
         assert cv2.imread(str(outbox / f"p{i:02d}.png")).shape[:2] == (2 * SIDE, 2 * SIDE)
     return engine_busy(log)
@@ -132,7 +126,7 @@ def test_s3_watch_keeps_the_engine_busy(aws, tmp_path):
     try:
         wait_for(lambda: len(outputs(s3, "done/")) == ITEMS)
     finally:
-        assert stop(proc) == 0
+        assert stop_process(proc, 60, tmp_path / "s3watch.log") == 0
     busy, calls = engine_busy(log)
     assert busy >= 0.9, f"the engine was busy {busy:.0%} of the time"
     assert len(calls) < ITEMS

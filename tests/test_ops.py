@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from moto_server import free_port
-from conftest import DATASETS, cli_env, superres_cmd
+from conftest import DATASETS, cli_env, stop_process, superres_cmd
 from handler.ops import Ops
 from pipeline.process import Result
 
@@ -118,6 +118,26 @@ def test_watch_serves_metrics_and_health_and_logs_one_json_line_per_item(tmp_pat
 
 class _Source:
     id = rel = "in/a.png"
+
+
+def test_sigusr1_writes_every_threads_stack_and_the_process_goes_on(tmp_path):
+    """What a watch that seems stuck is waiting on, without a debugger: its threads' stacks, then it still works."""
+    inbox, log_path = tmp_path / "inbox", tmp_path / "watch.log"
+    inbox.mkdir()
+    proc = subprocess.Popen(
+        [*superres_cmd(), "watch", "--inbox", str(inbox), "--outbox", str(tmp_path / "outbox"), "--model",
+         "fsrcnn-small-x2", "--settle-s", "0.3", "--rescan-s", "1"],
+        env=cli_env(), stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "watching" in log_path.read_text(), 60, "start", proc)
+        proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "run_watch" in log_path.read_text(), 20, "the stacks", proc)  # the main thread's loop
+        text = log_path.read_text()
+        assert "Current thread" in text and "in _engine" in text and "in _write" in text  # and the stages
+        (inbox / "baby.png").write_bytes((DATASETS / "Set5" / "LR_bicubic" / "X2" / "babyx2.png").read_bytes())
+        wait_for(lambda: (tmp_path / "outbox" / "baby.png").exists(), 60, "an item after the dump", proc)
+    finally:
+        assert stop_process(proc, 30, log_path) == 0
 
 
 def test_observe_counts_on_a_fresh_registry():

@@ -2,7 +2,6 @@
 and a symlink to a secret outside it, and one-shot runs given symlinks by a glob or with disposition=move."""
 
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -12,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import DATASETS, SHARED_MODELS, cli_env, superres_cmd
+from conftest import DATASETS, SHARED_MODELS, cli_env, stop_process, superres_cmd
 from handler.cli import main
 
 MODEL = ["--model", "fsrcnn-x2", "--model-dir", str(SHARED_MODELS)]
@@ -97,8 +96,7 @@ def test_a_name_swapped_between_a_png_and_a_symlink_never_leaks_the_link_target(
         stop.set()
         if swapper.is_alive():
             swapper.join()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert stop_process(proc, 30, tmp_path / "watch.log") == 0
 
     assert_never_leaked(secret, outbox, failed, inbox / "processed")
     assert (tmp_path / "secret.bin").read_bytes() == secret

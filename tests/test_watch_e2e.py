@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from conftest import DATASETS, REPO, cli_env, make_bad_inputs, superres_cmd
+from conftest import DATASETS, REPO, cli_env, make_bad_inputs, stop_process, superres_cmd
 
 # ESPCN: ~0.4-0.6 s a BSD100 photo on two loaded cores, so a kill lands mid-job, and the whole torture fits
 # in about two minutes a case (LapSRN is ~4x slower for the same coverage).
@@ -50,11 +50,6 @@ def wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen | No
             raise AssertionError(f"watch exited with {proc.returncode} while waiting for {what}")
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def stop(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=60)
 
 
 def visible(folder: Path) -> set[str]:
@@ -146,7 +141,7 @@ def test_bad_files_never_stop_it_and_sigterm_stops_cleanly(tmp_path):
             assert (failed / name).read_bytes() == (tmp_path / "bad" / name).read_bytes(), name
         assert secret.exists()
     finally:
-        code = stop(proc)
+        code = stop_process(proc, 60, tmp_path / "watch.log")
     assert code == 0
     assert "stopped" in (tmp_path / "watch.log").read_text()
 
@@ -307,7 +302,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_repeats_nothing(tmp_path, d
         # (the kills may have left nothing to do: SIGTERM only once it is up and watching)
         wait_for(lambda: "watching" in (tmp_path / "final.log").read_text(errors="replace"), 120, "start", proc)
         wait_for(drained, 300, "every input settled", proc)
-        code = stop(proc)
+        code = stop_process(proc, 60, tmp_path / "final.log")
         proc = None
         assert code == 0
     finally:
@@ -437,7 +432,7 @@ def settle_once(tmp_path: Path, disposition: str, log_name: str, done) -> str:
     try:
         wait_for(done, 120, "the item settled", proc)
     finally:
-        code = stop(proc)
+        code = stop_process(proc, 60, tmp_path / log_name)
     assert code == 0
     return (tmp_path / log_name).read_text()
 
