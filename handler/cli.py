@@ -201,12 +201,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def dump_stacks_on_sigusr1() -> None:
     """`kill -USR1 PID` writes every thread's stack to stderr and the process goes on: what a process that
-    seems stuck is waiting on, without a debugger."""
+    seems stuck is waiting on, without a debugger. Not where stderr is no file (main() called in-process, as
+    the tests do under capture)."""
     import faulthandler
+    import io
     import signal
 
     if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        try:
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
+        except (AttributeError, ValueError, io.UnsupportedOperation):
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,7 +56,7 @@ logging.getLogger("watchdog.observers.inotify").addFilter(_LastEventAtStop())
 class _Enqueue(FileSystemEventHandler):
     """Runs in the observer thread: hand every event to the caller's thread, untouched."""
 
-    def __init__(self, events: queue.SimpleQueue[FileSystemEvent]) -> None:
+    def __init__(self, events: queue.Queue[FileSystemEvent]) -> None:
         self._events = events
 
     def dispatch(self, event: FileSystemEvent) -> None:
@@ -85,7 +85,9 @@ class InboxWatcher:
         self._ignore = ignore
         self._exclude = exclude
         self._tracker = ReadinessTracker(settle_s, inflight_timeout_s)
-        self._events: queue.SimpleQueue[FileSystemEvent] = queue.SimpleQueue()
+        # not a SimpleQueue: its C get(timeout) takes a deadline passed while a signal handler ran (SIGTERM's, on
+        # this thread) for "wait forever" (CPython 3.11), and a watch asked to stop waited for the next event
+        self._events: queue.Queue[FileSystemEvent] = queue.Queue()
         self._observer: BaseObserver | None = None
         self._ready: dict[str, None] = {}  # ready, not yet handed out (an insertion-ordered set)
         self._out: set[str] = set()  # handed out, done() not yet called

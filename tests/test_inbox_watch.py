@@ -5,6 +5,7 @@ Timeouts are generous (slow CI); the waits that prove something is *not* returne
 
 import logging
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -319,3 +320,21 @@ def test_the_last_event_an_emitter_gets_while_stopping_is_no_error_line(inbox, c
     with caplog.at_level(logging.DEBUG):
         emitter.queue_events(0)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_signal_handler_outlasting_the_wait_does_not_make_it_endless(watch, inbox):
+    """SIGTERM's handler runs on this thread, in the middle of next_ready's wait for an event. A handler that
+    took longer than what was left of the wait once turned it into a wait for the next event, however long (the
+    C SimpleQueue read the past deadline as "forever"): a watch asked to stop did not, until a file came."""
+    w = watch(settle_s=LONG, rescan_s=LONG)
+    previous = signal.signal(signal.SIGUSR2, lambda *_: time.sleep(0.3))  # slower than the wait below
+    threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGUSR2)).start()
+    unblock = threading.Timer(10, (inbox / "late.png").write_bytes, (b"x",))  # an event ends a wait that hangs
+    unblock.start()
+    try:
+        started = time.monotonic()
+        assert w.next_ready(0.1) is None
+        assert time.monotonic() - started < 5
+    finally:
+        unblock.cancel()
+        signal.signal(signal.SIGUSR2, previous)
