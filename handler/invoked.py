@@ -9,7 +9,7 @@ from handler.ops import Ops
 from pipeline.adapters.s3_place import S3Object
 from pipeline.events import Message, drop_loops
 from pipeline.s3keys import is_s3_uri, parse_s3_uri, relative_key
-from pipeline.stages import StageRunner, Window, in_flight_for
+from pipeline.stages import REMOTE_READERS, StageRunner, Window, in_flight_for
 
 log = logging.getLogger("superres")
 
@@ -32,7 +32,7 @@ class EventRunner:
         self.ops = ops or Ops.for_processor(processor)  # Lambda: counted but not served; the log line is the same
         self.objects = objects
         self.guard = guard
-        self.in_flight = in_flight_for(processor, settings.in_flight)
+        self.in_flight = in_flight_for(processor, settings.in_flight, REMOTE_READERS)
         # outputs keep the key's path below the inbox prefix when one is configured, else the whole key
         self.inbox = parse_s3_uri(settings.inbox) if settings.inbox and is_s3_uri(settings.inbox) else None
         self.processed = parse_s3_uri(settings.processed) if settings.processed else None
@@ -55,7 +55,8 @@ class EventRunner:
 
     def messages(self) -> "MessagesInFlight":
         """A stage runner and a window over it for a batch (Lambda) or a process's life (the worker)."""
-        runner = StageRunner(self.processor, queue_max=self.in_flight + 10)  # the window bounds, not submit
+        runner = StageRunner(self.processor, queue_max=self.in_flight + 10,  # the window bounds, not submit
+                             readers=REMOTE_READERS)
         return MessagesInFlight(Window(runner, self.in_flight, track=self.ops.in_flight), self.ops)
 
 

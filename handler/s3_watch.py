@@ -15,7 +15,7 @@ from pipeline.events import ObjectRef, drop_loops
 from pipeline.errors import TransientError
 from pipeline.intake import is_temp_name
 from pipeline.s3keys import parse_s3_uri, relative_key
-from pipeline.stages import StageRunner, Window, in_flight_for
+from pipeline.stages import REMOTE_READERS, StageRunner, Window, in_flight_for
 
 log = logging.getLogger("superres")
 
@@ -32,8 +32,8 @@ def run_s3_watch(settings) -> int:
     ops.serve(settings.metrics_port, settings.metrics_host)
     log.info("watching", extra={"fields": {"inbox": settings.inbox, "outbox": settings.outbox}})
     outage = Backoff()
-    limit = in_flight_for(processor, settings.in_flight)
-    runner = StageRunner(processor, queue_max=limit)
+    limit = in_flight_for(processor, settings.in_flight, REMOTE_READERS)
+    runner = StageRunner(processor, queue_max=limit, readers=REMOTE_READERS)
     window = Window(runner, limit, track=ops.in_flight)
 
     def settle_done(*, wait_s: float = 0.0) -> None:

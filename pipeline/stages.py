@@ -5,12 +5,14 @@ takes their results; the Processor's phases run overlapped on their own threads.
                 -> encoders (a small pool): encode, stage -> [depth] -> writer: finish_many (publish, ledger, in
                    groups of the items ready together) -> the Futures
 
-Queues are bounded: memory holds at most about 2*depth+3 decoded items plus the encoders' (a GPU: 3 groups),
-whatever the number submitted (backpressure: `submit` blocks, or raises `Full` when asked not to). One reader,
-one engine thread and one writer keep results in submission order and the engine on one thread (CUDA contexts
-and OpenCV's thread pool like one caller); encoding, the one CPU stage that grows with the output, runs on a few
-threads (PNG/JPEG/WebP encoders release the GIL), and the writer takes their results in order. Items ready at
-once share engine calls where the engine batches (a GPU).
+Queues are bounded: memory holds at most about 2*depth+3 decoded items plus the encoders' (a GPU: 3 groups) and
+one per extra reader, whatever the number submitted (backpressure: `submit` blocks, or raises `Full` when asked
+not to). One reader, one engine thread and one writer keep results in submission order and the engine on one
+thread (CUDA contexts and OpenCV's thread pool like one caller). Objects in S3 get REMOTE_READERS readers: their
+reads are request latency, which one reader would add up item after item; those items publish in the order they
+are read. Encoding, the one CPU stage that grows with the output, runs on a few threads (PNG/JPEG/WebP encoders
+release the GIL), and the writer takes their results in order. Items ready at once share engine calls where the
+engine batches (a GPU).
 
 Side by side (`Processor.lanes` > 1: onnxruntime on a CPU): the engine thread hands each item to one of a few
 lanes, which runs its engine call and then its encode, so small items' networks run several at a time, each on
@@ -19,7 +21,7 @@ own threads spent their time waiting for each other and for the cores the other 
 An item of several tiles also takes the lanes free when it starts, its tiles side by side on them (alone, it
 has every core); an item whose output is over SIDE_BY_SIDE_MAX_PIXELS waits for every lane and runs alone (its
 memory), its encode too (a PNG's bands on every lane). Another item's extra lanes go back before its encode.
-Results still come out in submission order: the writer waits for each item in turn.
+Results still come out in the order read: the writer waits for each item in turn.
 
 An exception that escapes the Processor for one item (a bug, an unwritable failed place) is that item's: its
 Future has it and the runner goes on. Only KeyboardInterrupt/SystemExit are fatal (`failure`): nothing more is
@@ -65,6 +67,11 @@ def reuse_freed_memory() -> bool:
 SIDE_BY_SIDE_MAX_PIXELS = 4_000_000
 
 
+# readers for objects in S3: an object's read is a few requests (its ledger rows, its claim, the GET), whose
+# latency, not the CPU, is the read's cost, so one reader kept a fast engine waiting (docs/benchmarks.md)
+REMOTE_READERS = 4
+
+
 def encode_threads() -> int:
     """Encoders: one per core beyond the two the reader and writer use, 1 to 4 (docs/benchmarks.md)."""
     return max(1, min(4, (os.cpu_count() or 1) - 2))
@@ -88,7 +95,8 @@ class _Item:
 
 
 class StageRunner:
-    def __init__(self, processor: Processor, *, depth: int = 2, queue_max: int = 0, encoders: int = 0):
+    def __init__(self, processor: Processor, *, depth: int = 2, queue_max: int = 0, encoders: int = 0,
+                 readers: int = 1):
         reuse_freed_memory()
         self.processor = processor
         self._incoming: queue.Queue = queue.Queue(maxsize=queue_max or depth)
@@ -103,8 +111,10 @@ class StageRunner:
         self._pending = 0  # submitted, result not yet set
         self._closed = False
         self.failure: BaseException | None = None  # KeyboardInterrupt, SystemExit: fatal
+        self._readers_left = max(1, readers)
+        phases = [(f"read-{i}" if readers > 1 else "read", self._read) for i in range(self._readers_left)]
         self._threads = [threading.Thread(target=target, name=f"superres-{name}", daemon=True)
-                         for name, target in (("read", self._read), ("engine", self._engine), ("write", self._write))]
+                         for name, target in (*phases, ("engine", self._engine), ("write", self._write))]
         for t in self._threads:
             t.start()
 
@@ -174,7 +184,12 @@ class StageRunner:
             except BaseException as exc:  # noqa: BLE001 - handed to the submitter through the Future
                 item.job = exc
             self._prepared.put(item)
-        self._prepared.put(_END)
+        self._incoming.put(_END)  # for the other readers
+        with self._lock:
+            self._readers_left -= 1
+            last = self._readers_left == 0
+        if last:
+            self._prepared.put(_END)
 
     def _run_engine(self, jobs: list[Job], workers: int = 1) -> None:
         try:
@@ -306,11 +321,11 @@ class StageRunner:
                 self._settle(item, outcome)
 
 
-def in_flight_for(processor: Processor, asked: int = 0) -> int:
+def in_flight_for(processor: Processor, asked: int = 0, readers: int = 1) -> int:
     """How many items a long-running mode keeps submitted at once: enough that the engine never waits on the
-    CPU stages (one being read, a group ready, one in the engine, one done, one per encoder, one being
+    CPU stages (one per reader, a group ready, one in the engine, one done, one per encoder, one being
     published), or what was asked."""
-    return asked or 3 * max(2, processor.batch) + encode_threads() + 2
+    return asked or 3 * max(2, processor.batch) + encode_threads() + readers + 1
 
 
 class Window:

@@ -2,10 +2,12 @@
 item, a clean close; and the bytes -> bytes transform that every driver runs."""
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -369,3 +371,47 @@ def test_an_error_escaping_the_engine_in_a_lane_is_that_items_and_holds_no_claim
     assert results[1].outcome != "done" and "a bug in the engine phase" in results[1].detail
     assert not processor._inflight and not processor._claims  # nothing held: a stop is not kept waiting
     processor.close()
+
+
+def test_several_readers_overlap_slow_reads_and_the_same_content_twice_is_done_once(tmp_path, small_images):
+    """Objects in S3: a read is requests whose latency, not the CPU, is its cost. Readers side by side overlap
+    them (here each read waits 0.3 s more): 6 items on 3 readers take about two waits, not six. Two copies of
+    one image among them are upscaled once (the second waits for the first's key, on its own reader), and close
+    ends every reader."""
+    processor = processor_for(tmp_path, "out")
+    real_prepare = processor.prepare
+    reading: set[int] = set()
+    most = [0]
+    lock = threading.Lock()
+
+    def prepare(src):
+        with lock:
+            reading.add(threading.get_ident())
+            most[0] = max(most[0], len(reading))
+        time.sleep(0.3)
+        try:
+            return real_prepare(src)
+        finally:
+            with lock:
+                reading.discard(threading.get_ident())
+
+    processor.prepare = prepare
+    src = tmp_path / "in"
+    src.mkdir()
+    images = small_images[:5]
+    for p in images:
+        shutil.copy(p, src / p.name)
+    shutil.copy(images[0], src / "again.png")  # the same bytes as the first
+    runner = StageRunner(processor, depth=2, readers=3)
+    started = time.monotonic()
+    futures = [runner.submit(LocalFile(p, p.name)) for p in sorted(src.iterdir())]
+    results = [f.result(timeout=120) for f in futures]
+    took = time.monotonic() - started
+    runner.close()
+    runs = processor.ledger.stats()["engine_runs"]
+    processor.close()
+    assert most[0] == 3
+    assert took < 6 * 0.3, took
+    assert sorted(r.outcome for r in results) == ["done"] * 5 + ["duplicate"]
+    assert runs == 5
+    assert not [t for t in threading.enumerate() if t.name.startswith("superres-read")]
