@@ -184,12 +184,13 @@ class StageRunner:
             except BaseException as exc:  # noqa: BLE001 - handed to the submitter through the Future
                 item.job = exc
             self._prepared.put(item)
-        self._incoming.put(_END)  # for the other readers
         with self._lock:
             self._readers_left -= 1
             last = self._readers_left == 0
         if last:
             self._prepared.put(_END)
+        else:
+            self._incoming.put(_END)  # for the next reader
 
     def _run_engine(self, jobs: list[Job], workers: int = 1) -> None:
         try:
