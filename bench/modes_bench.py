@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,14 +30,10 @@ HOOK = f"{REPO / 'bench' / 'sim_engine.py'}:load"
 MODEL = "fsrcnn-small-x2"
 
 sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
+from moto_server import free_port, start_server  # noqa: E402
 from sim_engine import busy_fraction, read_log  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Moto:
@@ -47,19 +42,7 @@ class Moto:
     def __init__(self):
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **AWS})
-        import urllib.request
-
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(self.endpoint, timeout=1)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        self.proc = start_server(self.port)
         keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
         self.s3 = boto3.client("s3", endpoint_url=self.endpoint, **keys)
         self.sqs = boto3.client("sqs", endpoint_url=self.endpoint, **keys)

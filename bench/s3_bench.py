@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,25 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 BIN = Path(sys.executable).parent
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout_s: float = 30) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except Exception:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
+sys.path.insert(0, str(REPO / "tests"))
+from moto_server import free_port, start_server  # noqa: E402
 
 
 def run_sqs(endpoint: str, paths: list[Path], workers: int, model: str, tmp: Path) -> float:
@@ -115,10 +97,8 @@ def main() -> None:
     paths = sorted((SHARED / "datasets" / "BSD100" / "HR").glob("*.png"))[: args.images]
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **AWS})
+    server = start_server(port)
     try:
-        wait_http(endpoint)
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             local = run_local(paths, args.model, tmp)

@@ -6,7 +6,11 @@ resets moto's state after each test so tests do not see each other's buckets and
 
 import os
 import socket
+import subprocess
+import sys
+import time
 import urllib.request
+from pathlib import Path
 
 import boto3
 import pytest
@@ -27,16 +31,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def moto_server_url():
-    """moto's server as its own process, as S3 is: it shares no GIL, and no garbage collection, with the test
-    process (in-process, late in the suite, its answers slowed the busy checks of the S3 modes by 10-20 %)."""
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    port = free_port()
+def start_server(port: int) -> subprocess.Popen:
+    """moto's server as its own process on 127.0.0.1:port, once it answers: it shares no GIL, and no garbage
+    collection, with the process that drives it (tests, benchmarks)."""
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **AWS_ENV})
@@ -44,13 +41,21 @@ def moto_server_url():
     while True:
         try:
             urllib.request.urlopen(url, timeout=1).read()
-            break
+            return proc
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 raise RuntimeError(f"moto's server did not start on {url}") from None
             time.sleep(0.1)
-    yield url
+
+
+@pytest.fixture(scope="session")
+def moto_server_url():
+    """Its own process, as S3 is (in the test process, late in the suite, its answers slowed the busy checks of
+    the S3 modes by 10-20 %)."""
+    port = free_port()
+    proc = start_server(port)
+    yield f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=30)
 

@@ -97,8 +97,7 @@ def test_watch_serves_metrics_and_health_and_logs_one_json_line_per_item(tmp_pat
         assert isinstance(health["last_item_age_s"], float)
         assert get(f"http://127.0.0.1:{port}/nope")[0] == 404
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert stop_process(proc, 30, log_path) == 0
 
     docs = json_lines(log_path)
     assert docs[-1]["message"] == "stopped"
