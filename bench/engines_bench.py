@@ -7,7 +7,9 @@
    and on an EDSR-structured graph (tests/edsr_graph.py: upstream's ops and quint8 weights, fewer blocks and
    channels, random weights; the real files cannot be downloaded here). Medians of interleaved rounds; MACs
    per input pixel from the catalog (EDSR-structured: counted from its convs). OpenCV DNN is the reference.
-   torch runs fp32, and bf16 too where the CPU computes bf16 natively (AVX512-BF16, AMX, ARM BF16).
+   torch runs fp32, and bf16 too where the CPU computes bf16 natively (AVX512-BF16, AMX, ARM BF16). Where the
+   default onnxruntime graph has Winograd convs (models/winograd.py: EDSR's width), a row with onnxruntime's
+   own convs too.
 2. Peak RSS of one `superres upscale` process on one synthetic photo at x2 (fsrcnn-x2, full resolution, the
    default engine), 2000^2 / 4000^2 / 8000^2: how memory grows with the image.
 """
@@ -56,6 +58,8 @@ def crops(side: int, count: int) -> list[np.ndarray]:
 def engines_for(spec, model_file: Path, cache: Path) -> dict:
     engines = {"opencv (cv2.dnn)": OpenCVEngine(spec, model_file),
                "onnxruntime (cpu)": OnnxRuntimeEngine(spec, model_file, cache_dir=cache)}
+    if engines["onnxruntime (cpu)"].winograd_convs:  # what the Winograd convs bring, in the same run
+        engines["ort, direct convs"] = OnnxRuntimeEngine(spec, model_file, cache_dir=cache, winograd=False)
     try:
         from models.engines.torch_engine import TorchEngine, cpu_has_native_bf16
     except ImportError:  # the CPU image: no torch

@@ -38,6 +38,7 @@ EXPORT_VERSION = 1
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 PRECISIONS = ("fp32", "fp16")
+WINOGRAD_KEY = "superres_winograd_convs"  # metadata: how many convs the CPU graph runs as Winograd F(4, 3)
 
 # TF op -> ONNX op, for ops that map one to one
 _UNARY = {"Relu": "Relu", "Abs": "Abs", "Neg": "Neg", "Tanh": "Tanh", "Sigmoid": "Sigmoid"}
@@ -283,14 +284,20 @@ def write_atomically(data: bytes, path: Path) -> None:
         raise
 
 
-def cache_name(spec, sha256: str, precision: str) -> str:
-    """One file per (source bytes, precision, exporter version): a changed file or exporter never hits."""
-    return f"{Path(spec.filename).stem}-{sha256[:32]}-{precision}-e{EXPORT_VERSION}.onnx"
+def cache_name(spec, sha256: str, precision: str, winograd: bool = False) -> str:
+    """One file per (source bytes, precision, conv algorithm, exporter version): a changed file or exporter
+    never hits."""
+    from models.winograd import TILE
+
+    algorithm = f"-winograd{TILE}" if winograd else ""
+    return f"{Path(spec.filename).stem}-{sha256[:32]}-{precision}{algorithm}-e{EXPORT_VERSION}.onnx"
 
 
-def cached_onnx(spec, model_file: Path, *, precision: str = "fp32", cache_dir: Path | None = None) -> Path | bytes:
+def cached_onnx(spec, model_file: Path, *, precision: str = "fp32", cache_dir: Path | None = None,
+                winograd: bool = False) -> Path | bytes:
     """The ONNX graph onnxruntime runs for `spec`: a path in the cache, made on first use — converted from a
-    `.pb` file, or an ONNX model file as `rewrite_onnx` prepares it.
+    `.pb` file, or an ONNX model file as `rewrite_onnx` prepares it; with `winograd` (onnxruntime's CPU) its
+    wide 3x3 convs as Winograd F(4, 3) (`models.winograd`; the graph unchanged where none is wide enough).
 
     Where the cache cannot be written (a read-only home, Lambda outside /tmp) the graph is returned as bytes
     and made again next time: slower, never an error."""
@@ -299,7 +306,7 @@ def cached_onnx(spec, model_file: Path, *, precision: str = "fp32", cache_dir: P
 
     sha256 = file_sha256(model_file)
     folder = Path(cache_dir) if cache_dir is not None else onnx_cache_dir()
-    path = folder / cache_name(spec, sha256, precision)
+    path = folder / cache_name(spec, sha256, precision, winograd)
     if path.is_file():
         return path
     if model_file_format(spec) == "onnx":
@@ -309,9 +316,16 @@ def cached_onnx(spec, model_file: Path, *, precision: str = "fp32", cache_dir: P
             model = onnx.load(str(model_file))
         except Exception as exc:  # onnx raises DecodeError and friends for a damaged file
             raise ConfigError(f"onnxruntime cannot load the model for {spec.name} ({model_file}): {exc}") from None
-        data = rewrite_onnx(model).SerializeToString()
+        model = rewrite_onnx(model)
     else:
-        data = export_model(spec, model_file, precision=precision, source_sha256=sha256).SerializeToString()
+        model = export_model(spec, model_file, precision=precision, source_sha256=sha256)
+    if winograd:
+        from models import winograd as winograd_convs
+
+        model, count = winograd_convs.rewrite(model)
+        entry = model.metadata_props.add()
+        entry.key, entry.value = WINOGRAD_KEY, str(count)
+    data = model.SerializeToString()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         write_atomically(data, path)

@@ -126,6 +126,25 @@ def test_onnxruntime_equals_opencv_on_the_edsr_structured_graph(tmp_path, scale)
     assert ours.upscale(np.full((1, 1, 3), 90, np.uint8)).shape == (scale, scale, 3)
 
 
+@pytest.mark.parametrize("scale", [2, 4])
+def test_edsr_wide_convs_run_as_winograd_and_still_equal_opencv(tmp_path, scale):
+    """At 128+ channels the CPU graph's 3x3 convs are Winograd F(4, 3) (models/winograd.py); the export stays the
+    plain network."""
+    from models.onnx_export import export_model
+
+    spec = CATALOG[f"edsr-x{scale}"]
+    path = tmp_path / spec.filename
+    build_edsr_graph(path, scale=scale, blocks=1, channels=128, seed=scale, quantized=True)
+    ours, theirs = OnnxRuntimeEngine(spec, path, cache_dir=tmp_path / "cache"), OpenCVEngine(spec, path)
+    assert ours.describe()["winograd_convs"] == 5  # head, the block's two, the one after the blocks, the tail
+    colour = lr_image("baby", scale)[100:131, 90:113]  # 31 x 23: not whole 4-pixel tiles
+    for image in (colour, cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY), colour.astype(np.uint16) * 257):
+        assert max_levels(ours.upscale(image), theirs.upscale(image)) <= 1
+    (cached,) = (tmp_path / "cache").glob("*.onnx")
+    assert "-winograd4-" in cached.name
+    assert not any(n.name.startswith("winograd/") for n in export_model(spec, path).graph.node)
+
+
 def test_batches_equal_one_by_one(tmp_path):
     spec = CATALOG["fsrcnn-x3"]
     engine = OnnxRuntimeEngine(spec, SHARED_MODELS / spec.filename, cache_dir=tmp_path)

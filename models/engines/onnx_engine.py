@@ -5,7 +5,8 @@ the EDSR-structured graph); 1.5-3x faster than cv2.dnn on a CPU (docs/benchmarks
 
 Execution providers, from `device` and `precision`:
 - cpu: CPUExecutionProvider, fp32, all graph optimisations, the NCHWc conv layouts only where the model's
-  family is faster with them (`ModelSpec.onnxruntime_blocked`), threads not spinning between runs (the decode
+  family is faster with them (`ModelSpec.onnxruntime_blocked`), 3x3 convs of 128+ channels as Winograd
+  F(4, 3) (`models.winograd`: EDSR ~2x onnxruntime's own conv), threads not spinning between runs (the decode
   and encode stages share the cores); for thin models one thread per run, runs side by side (THIN_MODEL_*);
 - cuda: TensorrtExecutionProvider (fp16 when precision is fp16, engines cached beside the ONNX cache, one
   optimisation profile for tiles up to `TRT_MAX_SIDE`) where this onnxruntime build has it, then
@@ -23,6 +24,7 @@ import numpy as np
 
 from models.catalog import ModelSpec
 from models.engines.dnn_superres_io import DnnSuperResIO, model_file_format
+from models.onnx_export import WINOGRAD_KEY
 from pipeline.errors import ConfigError, DeviceOutOfMemory
 
 log = logging.getLogger("superres.engine")
@@ -89,7 +91,7 @@ class OnnxRuntimeEngine(DnnSuperResIO):
     name = "onnxruntime"
 
     def __init__(self, spec: ModelSpec, model_file: Path, device: str = "cpu", precision: str = "fp32",
-                 threads: int = 0, cache_dir: Path | None = None, lanes: int = 0):
+                 threads: int = 0, cache_dir: Path | None = None, lanes: int = 0, winograd: bool = True):
         import onnxruntime
 
         from models.files import onnx_cache_dir
@@ -102,6 +104,7 @@ class OnnxRuntimeEngine(DnnSuperResIO):
         if device == "cpu" and precision != "fp32":
             raise ConfigError(f"precision {precision} needs a CUDA device; the CPU path is fp32")
         self.device, self.precision = device, precision
+        self._winograd = winograd and device == "cpu"  # False: onnxruntime's own convs (benchmarks compare)
         cache_dir = Path(cache_dir) if cache_dir is not None else onnx_cache_dir()
         in_channels = 3 if spec.input_kind == "bgr" else 1
         providers = provider_list(device, precision, available_providers(), cache_dir, in_channels,
@@ -133,6 +136,7 @@ class OnnxRuntimeEngine(DnnSuperResIO):
                 log.warning("TensorRT engine cache not writable", extra={"fields": {"cache": str(cache_dir)}})
         self._session = self._open(onnxruntime, spec, model_file, options, providers, cache_dir)
         self.providers = self._session.get_providers()
+        self.winograd_convs = int(self._session.get_modelmeta().custom_metadata_map.get(WINOGRAD_KEY, 0))
         if device == "cuda" and not any(p in self.providers for p in GPU_PROVIDERS):
             raise ConfigError("--device cuda: onnxruntime could not use the GPU (no usable CUDA device or CUDA/cuDNN "
                               f"libraries; session providers {self.providers}); run with --device cpu")
@@ -147,7 +151,10 @@ class OnnxRuntimeEngine(DnnSuperResIO):
         # TensorRT takes the fp32 graph and builds fp16 kernels itself
         first = providers[0] if isinstance(providers[0], str) else providers[0][0]
         half = self.precision == "fp16" and first == CUDA and model_file_format(spec) == "pb"
-        source = cached_onnx(spec, model_file, precision="fp16" if half else "fp32", cache_dir=cache_dir)
+        # on a CPU, wide 3x3 convs as Winograd F(4, 3): fewer multiplications (models/winograd.py); GPU
+        # providers pick their own conv algorithms
+        source = cached_onnx(spec, model_file, precision="fp16" if half else "fp32", cache_dir=cache_dir,
+                             winograd=self._winograd)
         try:
             return onnxruntime.InferenceSession(source, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
@@ -170,7 +177,8 @@ class OnnxRuntimeEngine(DnnSuperResIO):
 
         return {"engine": self.name, "device": self.device, "model": self.spec.name, "scale": self.scale,
                 "precision": self.precision, "onnxruntime": onnxruntime.__version__, "providers": self.providers,
-                "conv_layout": self.conv_layout, "threads_per_call": self.threads or "all"}
+                "conv_layout": self.conv_layout, "winograd_convs": self.winograd_convs,
+                "threads_per_call": self.threads or "all"}
 
     def default_batch(self) -> int:
         return 4 if self.device == "cuda" else 1
