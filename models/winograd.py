@@ -26,13 +26,11 @@ docs/benchmarks.md). Used only for onnxruntime's CPU provider; GPU libraries cho
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 import numpy as np
 
 TILE = 4  # m, the output tile's side: 6 was ~8 % faster here, with ~3x the error
 MIN_CHANNELS = 128
-_POINTS = {2: (0, 1, -1), 4: (0, 1, -1, 2, -2), 6: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))}
+_POINTS = {2: "0 1 -1", 4: "0 1 -1 2 -2", 6: "0 1 -1 2 -2 1/2 -1/2"}  # the finite ones; infinity is the last
 # ops that act on each element (and a constant scalar or per-channel factor): they run on Q as they do on NCHW
 _ELEMENTWISE = {"Relu", "LeakyRelu", "Add", "Sub", "Mul", "Div", "Max", "Min", "Tanh", "Sigmoid", "Neg", "Abs"}
 _ZERO_TO_ZERO = {"Relu", "LeakyRelu", "Tanh", "Neg", "Abs"}  # f(0) = 0: zeros beyond the image stay zero
@@ -43,7 +41,9 @@ def transform_matrices(m: int, r: int = 3) -> tuple[np.ndarray, np.ndarray, np.n
 
     y = A^T [(G g) * (B^T d)] is the correlation y_i = sum_k g_k d_(i+k). B^T is solved for exactly, in
     rationals, from that identity, so no published table has to be trusted."""
-    points = [Fraction(p) for p in _POINTS[m]]
+    from fractions import Fraction  # here: only a conversion needs it, not every start-up
+
+    points = [Fraction(p) for p in _POINTS[m].split()]
     a = m + r - 1
     at = [[Fraction(0)] * a for _ in range(m)]
     g = [[Fraction(0)] * r for _ in range(a)]
@@ -68,7 +68,7 @@ def transform_matrices(m: int, r: int = 3) -> tuple[np.ndarray, np.ndarray, np.n
     return as_array(at), as_array(g), as_array(bt)
 
 
-def _solve(rows: list[list[Fraction]], rhs: list[Fraction], n: int) -> list[Fraction]:
+def _solve(rows: list[list], rhs: list, n: int) -> list:
     """The exact solution of an overdetermined but consistent system (Gauss-Jordan in rationals)."""
     aug = [row[:] + [b] for row, b in zip(rows, rhs)]
     pivots, r = [], 0
@@ -86,7 +86,7 @@ def _solve(rows: list[list[Fraction]], rhs: list[Fraction], n: int) -> list[Frac
         r += 1
     if any(row[n] != 0 for row in aug[r:]):
         raise ArithmeticError("no Winograd transform for these points")
-    solution = [Fraction(0)] * n
+    solution = [0 * rhs[0]] * n  # zeros of the system's own number type
     for i, c in enumerate(pivots):
         solution[c] = aug[i][n]
     return solution
