@@ -287,9 +287,9 @@ def write_atomically(data: bytes, path: Path) -> None:
 def cache_name(spec, sha256: str, precision: str, winograd: bool = False) -> str:
     """One file per (source bytes, precision, conv algorithm, exporter version): a changed file or exporter
     never hits."""
-    from models.winograd import TILE
+    from models.winograd import TILE, VERSION
 
-    algorithm = f"-winograd{TILE}" if winograd else ""
+    algorithm = f"-winograd{TILE}v{VERSION}" if winograd else ""
     return f"{Path(spec.filename).stem}-{sha256[:32]}-{precision}{algorithm}-e{EXPORT_VERSION}.onnx"
 
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
-TILE = 4  # m, the output tile's side: 6 was ~8 % faster here, with ~3x the error
+TILE = 6  # m, the output tile side: 64 products per 36 outputs, ~10 % faster here than F(4, 3) at ~2x its error
+VERSION = 2  # of the rewrite: a cached graph from another version is converted again
 MIN_CHANNELS = 128
 _POINTS = {2: "0 1 -1", 4: "0 1 -1 2 -2", 6: "0 1 -1 2 -2 1/2 -1/2"}  # the finite ones; infinity is the last
 # ops that act on each element (and a constant scalar or per-channel factor): they run on Q as they do on NCHW
@@ -143,6 +144,8 @@ class _Geometry:
         self.extra_h = e.op("Sub", [e.op("Mul", [self.th, mm]), self.h])
         self.extra_w = e.op("Sub", [e.op("Mul", [self.tw, mm]), self.w])
         self.mask = self._mask(e, m)
+        whole = e.op("Equal", [e.op("Add", [self.extra_h, self.extra_w]), e.ints(0)], "whole_tiles")
+        self.whole = e.op("Squeeze", [whole, e.ints(0)], "whole_tiles")
 
     def _mask(self, e: _Emitter, m: int) -> str:
         def inside(tiles: str, size: str) -> str:  # [m, tiles] of 1.0 where m * t + i < size
@@ -153,6 +156,26 @@ class _Geometry:
         rows = e.op("Reshape", [inside(self.th, self.h), e.cat(e.ints(1, m), self.th, e.ints(1, 1, 1))])
         cols = e.op("Reshape", [inside(self.tw, self.w), e.cat(e.ints(1, 1, 1, m), self.tw, e.ints(1))])
         return e.op("Mul", [rows, cols], "mask")
+
+
+def _finish(e: _Emitter, y: str, bias: np.ndarray | None, geo: _Geometry, output: str) -> str:
+    """A conv's output in Q: the bias added, the positions beyond the image zeroed. Where there are none (whole
+    tiles: the product's 400 px engine calls, 256 and 500 px images) that pass over the tensor is skipped (~20 ms
+    a 256-channel conv at 500 x 500, 3 % of it) by an If whose branches both add the bias: onnxruntime writes a
+    branch's result into the If's output, but copies a tensor a branch passes through."""
+    if bias is None:
+        return e.op("Mul", [y, geo.mask], output=output)
+    bias = e.const("bias", bias.astype(np.float32).reshape(-1))
+    float_out = lambda name: e.helper.make_tensor_value_info(name, 1, None)  # noqa: E731 (1: float)
+    plain, with_bias, zeroed = e.name("biased"), e.name("biased"), e.name("zeroed")
+    whole = e.helper.make_graph([e.helper.make_node("Add", [y, bias], [plain])], e.name("whole"), [],
+                                [float_out(plain)])
+    partial = e.helper.make_graph([e.helper.make_node("Add", [y, bias], [with_bias]),
+                                   e.helper.make_node("Mul", [with_bias, geo.mask], [zeroed])],
+                                  e.name("partial"), [], [float_out(zeroed)])
+    e.nodes.append(e.helper.make_node("If", [geo.whole], [output], name=output, then_branch=whole,
+                                      else_branch=partial))
+    return output
 
 
 def _count(e: _Emitter, n: str) -> str:
@@ -216,9 +239,7 @@ def _winograd_conv(e: _Emitter, q: str, geo: _Geometry, weight: np.ndarray, bias
     nmth = e.op("Mul", [e.op("Mul", [geo.n, e.ints(m)]), geo.th])
     out = e.op("MatMul", [at_c, e.op("Reshape", [out_rows, e.cat(nmth, e.ints(a, -1))])])
     y = e.op("Reshape", [out, e.cat(geo.n, e.ints(m), geo.th, e.ints(m), geo.tw, e.ints(cout))])
-    if bias is not None:
-        y = e.op("Add", [y, e.const("bias", bias.astype(np.float32).reshape(-1))])
-    return e.op("Mul", [y, geo.mask], output=output)
+    return _finish(e, y, bias, geo, output)
 
 
 def _eligible(node, initializers: dict, min_channels: int):
@@ -243,6 +264,39 @@ def _eligible(node, initializers: dict, min_channels: int):
             return None
         bias = numpy_helper.to_array(initializers[node.input[2]])
     return weight, bias
+
+
+def _fold_scalings(graph, initializers: dict, plans: dict) -> set[str]:
+    """A conv read only by a Mul with a constant scalar or per-channel factor (EDSR's residual scaling, x0.1)
+    takes the factor into its weight and bias: one pass fewer over a wide tensor. The conv then writes the Mul's
+    output; returns the outputs of the Mul nodes so made redundant."""
+    from onnx import numpy_helper
+
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    convs = {node.output[0]: node for node in graph.node if plans.get(node.output[0])}
+    dropped = set()
+    for out, conv in convs.items():
+        [mul, *others] = readers.get(out, [None])
+        if others or out in outputs or mul is None or mul.op_type != "Mul" or len(set(mul.input)) != 2:
+            continue
+        factor_name = next(i for i in mul.input if i != out)
+        weight, bias = plans[out]
+        factor = None
+        if factor_name in initializers:
+            factor = _as_channels_last(numpy_helper.to_array(initializers[factor_name]), weight.shape[0])
+        if factor is None:
+            continue
+        factor = factor.astype(np.float64)
+        scaled_bias = None if bias is None else bias * factor
+        del plans[out]
+        plans[mul.output[0]] = (weight * factor.reshape(-1, 1, 1, 1), scaled_bias)
+        conv.output[0] = mul.output[0]
+        dropped.add(mul.output[0])
+    return dropped
 
 
 def _as_channels_last(value: np.ndarray, channels: int) -> np.ndarray | None:
@@ -283,6 +337,7 @@ def rewrite(model, *, m: int = TILE, min_channels: int = MIN_CHANNELS):
     plans = {node.output[0]: _eligible(node, initializers, min_channels) for node in graph.node}
     if not any(plans.values()):
         return model, 0
+    dropped = _fold_scalings(graph, initializers, plans)
     taken = {n for node in graph.node for n in [*node.input, *node.output]} | set(initializers)
     e = _Emitter(taken)
     q_of: dict[str, _PhaseMajor] = {}  # tensor name -> its Q form (made by the run, or converted at an entry)
@@ -298,6 +353,8 @@ def rewrite(model, *, m: int = TILE, min_channels: int = MIN_CHANNELS):
 
     count = 0
     for node in graph.node:
+        if node.op_type == "Mul" and node.output[0] in dropped:
+            continue
         out = node.output[0]
         plan = plans.get(out)
         if plan is not None:

@@ -128,7 +128,7 @@ def test_onnxruntime_equals_opencv_on_the_edsr_structured_graph(tmp_path, scale)
 
 @pytest.mark.parametrize("scale", [2, 4])
 def test_edsr_wide_convs_run_as_winograd_and_still_equal_opencv(tmp_path, scale):
-    """At 128+ channels the CPU graph's 3x3 convs are Winograd F(4, 3) (models/winograd.py); the export stays the
+    """At 128+ channels the CPU graph's 3x3 convs are Winograd F(6, 3) (models/winograd.py); the export stays the
     plain network."""
     from models.onnx_export import export_model
 
@@ -137,11 +137,11 @@ def test_edsr_wide_convs_run_as_winograd_and_still_equal_opencv(tmp_path, scale)
     build_edsr_graph(path, scale=scale, blocks=1, channels=128, seed=scale, quantized=True)
     ours, theirs = OnnxRuntimeEngine(spec, path, cache_dir=tmp_path / "cache"), OpenCVEngine(spec, path)
     assert ours.describe()["winograd_convs"] == 5  # head, the block's two, the one after the blocks, the tail
-    colour = lr_image("baby", scale)[100:131, 90:113]  # 31 x 23: not whole 4-pixel tiles
+    colour = lr_image("baby", scale)[100:131, 90:113]  # 31 x 23: not whole 6-pixel tiles
     for image in (colour, cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY), colour.astype(np.uint16) * 257):
         assert max_levels(ours.upscale(image), theirs.upscale(image)) <= 1
     (cached,) = (tmp_path / "cache").glob("*.onnx")
-    assert "-winograd4-" in cached.name
+    assert "-winograd6v2-" in cached.name
     assert not any(n.name.startswith("winograd/") for n in export_model(spec, path).graph.node)
 
 
