@@ -3,24 +3,26 @@
 Why: in fp32 onnxruntime's direct 3x3 conv already runs at the two cores' FMA peak (~80 GMAC/s measured here on
 256 channels), so EDSR-sized networks can only get faster by doing fewer multiplications. Winograd's minimal
 filtering F(m, 3) computes an m x m output tile from an (m+2) x (m+2) input tile with (m+2)^2 products per
-channel pair instead of 9 m^2: 4x fewer at m = 4. The small transforms are exact linear maps (Toom-Cook on the
-points 0, +-1, +-2 and infinity), so the result is the direct conv's up to float rounding (~1e-5 of the
-activations' scale, tested), far inside the 1 level of uint8 output the engines must agree on.
+channel pair instead of 9 m^2: 5.1x fewer at m = 6 (4x at m = 4). The small transforms are exact linear maps
+(Toom-Cook on the points 0, +-1, +-2, +-1/2 and infinity), so the result is the direct conv's up to float
+rounding (~2e-5 of the activations' scale, tested; under 0.05 levels at EDSR's full depth), far inside the 1
+level of uint8 output the engines must agree on.
 
-How, in ops every onnxruntime build has (Conv, MatMul, Reshape, Transpose, Add, Mul):
+How, in ops every onnxruntime build has (Conv, MatMul, Reshape, Transpose, Add, Mul, If):
 - Inside a run of such convs (and the elementwise ops between them: ReLU, residual adds, scalings) the
   activations stay in a *phase-major* layout, Q = [N, m, Th, m, Tw, C]: pixel (m*th + i, m*tw + j) at
   [n, i, th, j, tw, c], zero beyond the image's own height and width. A conv's output transform writes Q
   directly, so no layer pays a transpose; the layout is converted only where the run begins and ends.
 - A conv on Q: B^T applied to each tile's m+2 rows by a small conv over the blocks, with the m phases
   as its channels (it fetches and transforms the rows in one pass, zero blocks padded each side), the same for
-  the columns, then the (m+2)^2 channel products as one broadcast MatMul (~60 % of the time: GEMMs at full
+  the columns, then the (m+2)^2 channel products as one broadcast MatMul (~65 % of the time: GEMMs at full
   speed), A^T applied to the rows and to the columns (MatMul), the bias added, and the positions beyond the
   image zeroed: the next conv reads them as its zero padding (where an op between makes them non-zero, adding
-  a constant say, that conv zeroes its input first).
+  a constant say, that conv zeroes its input first). A constant factor right after a conv (EDSR's residual
+  scaling) goes into its weights.
 
 Which convs: 3x3, stride 1, dilation 1, one group, padding 1 each side, a constant weight, `MIN_CHANNELS` or
-more in or out (EDSR's 256: ~2.2x onnxruntime's own conv; at 128 channels 1.1x, at 64 0.94x, measured in
+more in or out (EDSR's 256: ~2.1x onnxruntime's own conv; at 128 channels ~1.45x, at 64 0.9x, measured in
 docs/benchmarks.md). Used only for onnxruntime's CPU provider; GPU libraries choose their own algorithms.
 """
 
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-TILE = 6  # m, the output tile side: 64 products per 36 outputs, ~10 % faster here than F(4, 3) at ~2x its error
+TILE = 6  # m: 64 products per 36 outputs; ~6 % faster than F(4, 3) at 500 x 500 (equal at 400), ~2x its error
 VERSION = 2  # of the rewrite: a cached graph from another version is converted again
 MIN_CHANNELS = 128
 _POINTS = {2: "0 1 -1", 4: "0 1 -1 2 -2", 6: "0 1 -1 2 -2 1/2 -1/2"}  # the finite ones; infinity is the last
@@ -194,8 +196,11 @@ def _to_phase_major(e: _Emitter, x: str, geo: _Geometry, channels: int, m: int) 
 
 
 def _to_nchw(e: _Emitter, q: str, geo: _Geometry, channels: int, m: int, output: str) -> str:
-    """Q -> NCHW, cropped to the image."""
-    moved = e.op("Transpose", [q], "from_q", perm=[0, 5, 2, 1, 4, 3])
+    """Q -> NCHW, cropped to the image. In two transposes, the tiles to rows (whole channel vectors moved) and
+    then NHWC to NCHW: onnxruntime's one 6-D transpose took 9x as long at 256 channels."""
+    rows = e.op("Transpose", [q], "from_q", perm=[0, 2, 1, 4, 3, 5])  # [n, th, m, tw, m, c]: NHWC
+    pixels = e.op("Reshape", [rows, e.cat(geo.n, e.ints(-1, channels))])
+    moved = e.op("Transpose", [pixels], "from_q", perm=[0, 2, 1])
     whole = e.op("Reshape", [moved, e.cat(geo.n, e.ints(channels), e.op("Mul", [geo.th, e.ints(m)]),
                                           e.op("Mul", [geo.tw, e.ints(m)]))])
     hw = e.op("Concat", [geo.h, geo.w], axis=0)
