@@ -10,7 +10,8 @@ one per extra reader, whatever the number submitted (backpressure: `submit` bloc
 not to). One reader, one engine thread and one writer keep results in submission order and the engine on one
 thread (CUDA contexts and OpenCV's thread pool like one caller). Objects in S3 get REMOTE_READERS readers: their
 reads are request latency, which one reader would add up item after item; those items publish in the order they
-are read. Encoding, the one CPU stage that grows with the output, runs on a few threads (PNG/JPEG/WebP encoders
+are read. For the same reason an S3 outbox or ledger gets REMOTE_PUBLISHERS publishes side by side (started in
+order, each settling its own Future when done). Encoding, the one CPU stage that grows with the output, runs on a few threads (PNG/JPEG/WebP encoders
 release the GIL), and the writer takes their results in order. Items ready at once share engine calls where the
 engine batches (a GPU).
 
@@ -276,7 +277,11 @@ class StageRunner:
         and the ones after it that are already encoded, up to the Processor's write_group, and publishes them
         together (one ledger commit, one folder fsync: Processor.finish_many). When the writer keeps up a group
         is one item; when publishing is slower than the engine (small images, fsyncs) groups grow and the cost is
-        shared."""
+        shared. Where each publish is its own requests (S3: Processor.publishers > 1) items are published one
+        each, several side by side, started in order."""
+        if self.processor.publishers > 1:
+            self._write_side_by_side(self.processor.publishers)
+            return
         held: deque[_Item] = deque()
         ended = False
         most = max(1, self.processor.write_group)
@@ -299,6 +304,13 @@ class StageRunner:
             while held and len(group) < most and (held[0].encoded is None or held[0].encoded.done()):
                 group.append(held.popleft())
             self._write_group(group)
+
+    def _write_side_by_side(self, publishers: int) -> None:
+        room = threading.Semaphore(publishers)  # bounds the items held here, as the queues bound the rest
+        with ThreadPoolExecutor(publishers, thread_name_prefix="superres-publish") as pool:
+            while (item := self._finished.get()) is not _END:
+                room.acquire()
+                pool.submit(self._write_group, [item]).add_done_callback(lambda _: room.release())
 
     def _write_group(self, group: list[_Item]) -> None:
         outcomes: dict[int, "Result | BaseException"] = {}
@@ -324,9 +336,9 @@ class StageRunner:
 
 def in_flight_for(processor: Processor, asked: int = 0, readers: int = 1) -> int:
     """How many items a long-running mode keeps submitted at once: enough that the engine never waits on the
-    CPU stages (one per reader, a group ready, one in the engine, one done, one per encoder, one being
-    published), or what was asked."""
-    return asked or 3 * max(2, processor.batch) + encode_threads() + readers + 1
+    CPU stages (one per reader, a group ready, one in the engine, one done, one per encoder, one per
+    publisher), or what was asked."""
+    return asked or 3 * max(2, processor.batch) + encode_threads() + readers + processor.publishers
 
 
 class Window:

@@ -415,3 +415,49 @@ def test_several_readers_overlap_slow_reads_and_the_same_content_twice_is_done_o
     assert sorted(r.outcome for r in results) == ["done"] * 5 + ["duplicate"]
     assert runs == 5
     assert not [t for t in threading.enumerate() if t.name.startswith("superres-read")]
+
+
+def test_where_each_publish_is_its_own_requests_several_run_side_by_side(tmp_path, small_images):
+    """An S3 outbox or ledger: a publish is requests (mark publishing, PUT, HEAD, mark done) whose latency is its
+    cost, and nothing is shared by grouping them (Processor.publishers > 1). Publishes side by side overlap
+    them (here each waits 0.3 s more): 6 items on 3 publishers take about two waits, not six; every item still
+    gets its own result and output, and close ends every publisher. A local outbox and ledger publish in groups
+    instead, one group at a time."""
+    processor = processor_for(tmp_path, "out")
+    assert (processor.publishers, processor.write_group) == (1, 8)
+    processor.publishers, processor.write_group = 3, 1  # as an S3 outbox makes them
+    real_finish = processor.finish_many
+    publishing: set[int] = set()
+    most = [0]
+    lock = threading.Lock()
+
+    def finish_many(jobs):
+        assert len(jobs) == 1
+        with lock:
+            publishing.add(threading.get_ident())
+            most[0] = max(most[0], len(publishing))
+        time.sleep(0.3)
+        try:
+            return real_finish(jobs)
+        finally:
+            with lock:
+                publishing.discard(threading.get_ident())
+
+    processor.finish_many = finish_many
+    images = small_images[:6]
+    runner = StageRunner(processor, depth=2)
+    started = time.monotonic()
+    futures = [runner.submit(LocalFile(p, p.name)) for p in images]
+    results = [f.result(timeout=120) for f in futures]
+    took = time.monotonic() - started
+    runner.close()
+    processor.close()
+    assert most[0] == 3
+    assert took < 6 * 0.3, took
+    assert [r.source.rel for r in results] == [p.name for p in images]
+    for p, r in zip(images, results):
+        assert r.outcome == "done"
+        h, w = cv2.imread(str(p)).shape[:2]
+        assert cv2.imread(r.output).shape[:2] == (2 * h, 2 * w)
+    assert runner.pending() == 0
+    assert not [t for t in threading.enumerate() if t.name.startswith("superres-publish")]
