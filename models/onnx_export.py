@@ -38,7 +38,7 @@ EXPORT_VERSION = 1
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 PRECISIONS = ("fp32", "fp16")
-WINOGRAD_KEY = "superres_winograd_convs"  # metadata: how many convs the CPU graph runs as Winograd F(4, 3)
+WINOGRAD_KEY = "superres_winograd_convs"  # metadata: how many convs the CPU graph runs as Winograd F(6, 3)
 
 # TF op -> ONNX op, for ops that map one to one
 _UNARY = {"Relu": "Relu", "Abs": "Abs", "Neg": "Neg", "Tanh": "Tanh", "Sigmoid": "Sigmoid"}
@@ -297,7 +297,7 @@ def cached_onnx(spec, model_file: Path, *, precision: str = "fp32", cache_dir: P
                 winograd: bool = False) -> Path | bytes:
     """The ONNX graph onnxruntime runs for `spec`: a path in the cache, made on first use — converted from a
     `.pb` file, or an ONNX model file as `rewrite_onnx` prepares it; with `winograd` (onnxruntime's CPU) its
-    wide 3x3 convs as Winograd F(4, 3) (`models.winograd`; the graph unchanged where none is wide enough).
+    wide 3x3 convs as Winograd F(6, 3) (`models.winograd`; the graph unchanged where none is wide enough).
 
     Where the cache cannot be written (a read-only home, Lambda outside /tmp) the graph is returned as bytes
     and made again next time: slower, never an error."""

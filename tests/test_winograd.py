@@ -1,4 +1,4 @@
-"""Wide 3x3 convs as Winograd F(4, 3) (models/winograd.py): the rewritten graph computes what the direct convs
+"""Wide 3x3 convs as Winograd F(6, 3) (models/winograd.py): the rewritten graph computes what the direct convs
 compute, on odd sizes, batches and every op that may sit between two convs; convs it cannot take stay as they are."""
 
 import copy

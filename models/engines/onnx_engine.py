@@ -6,7 +6,7 @@ the EDSR-structured graph); 1.5-3x faster than cv2.dnn on a CPU (docs/benchmarks
 Execution providers, from `device` and `precision`:
 - cpu: CPUExecutionProvider, fp32, all graph optimisations, the NCHWc conv layouts only where the model's
   family is faster with them (`ModelSpec.onnxruntime_blocked`), 3x3 convs of 128+ channels as Winograd
-  F(4, 3) (`models.winograd`: EDSR ~2x onnxruntime's own conv), threads not spinning between runs (the decode
+  F(6, 3) (`models.winograd`: EDSR ~2x onnxruntime's own conv), threads not spinning between runs (the decode
   and encode stages share the cores); for thin models one thread per run, runs side by side (THIN_MODEL_*);
 - cuda: TensorrtExecutionProvider (fp16 when precision is fp16, engines cached beside the ONNX cache, one
   optimisation profile for tiles up to `TRT_MAX_SIDE`) where this onnxruntime build has it, then
@@ -157,7 +157,7 @@ class OnnxRuntimeEngine(DnnSuperResIO):
         # TensorRT takes the fp32 graph and builds fp16 kernels itself
         first = providers[0] if isinstance(providers[0], str) else providers[0][0]
         half = self.precision == "fp16" and first == CUDA and model_file_format(spec) == "pb"
-        # on a CPU, wide 3x3 convs as Winograd F(4, 3): fewer multiplications (models/winograd.py); GPU
+        # on a CPU, wide 3x3 convs as Winograd F(6, 3): fewer multiplications (models/winograd.py); GPU
         # providers pick their own conv algorithms
         source = cached_onnx(spec, model_file, precision="fp16" if half else "fp32", cache_dir=cache_dir,
                              winograd=self._winograd)
