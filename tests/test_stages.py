@@ -373,29 +373,35 @@ def test_an_error_escaping_the_engine_in_a_lane_is_that_items_and_holds_no_claim
     processor.close()
 
 
+def slowed_and_counted(step, wait_s: float, sizes: list | None = None):
+    """`step` that first waits `wait_s` (a request's latency), and the most threads seen in it at once
+    (`most[0]`); `sizes` gets the length of each call's argument."""
+    inside: set[int] = set()
+    most = [0]
+    lock = threading.Lock()
+
+    def slowed(arg):
+        if sizes is not None:
+            sizes.append(len(arg))
+        with lock:
+            inside.add(threading.get_ident())
+            most[0] = max(most[0], len(inside))
+        time.sleep(wait_s)
+        try:
+            return step(arg)
+        finally:
+            with lock:
+                inside.discard(threading.get_ident())
+    return slowed, most
+
+
 def test_several_readers_overlap_slow_reads_and_the_same_content_twice_is_done_once(tmp_path, small_images):
     """Objects in S3: a read is requests whose latency, not the CPU, is its cost. Readers side by side overlap
     them (here each read waits 0.3 s more): 6 items on 3 readers take about two waits, not six. Two copies of
     one image among them are upscaled once (the second waits for the first's key, on its own reader), and close
     ends every reader."""
     processor = processor_for(tmp_path, "out")
-    real_prepare = processor.prepare
-    reading: set[int] = set()
-    most = [0]
-    lock = threading.Lock()
-
-    def prepare(src):
-        with lock:
-            reading.add(threading.get_ident())
-            most[0] = max(most[0], len(reading))
-        time.sleep(0.3)
-        try:
-            return real_prepare(src)
-        finally:
-            with lock:
-                reading.discard(threading.get_ident())
-
-    processor.prepare = prepare
+    processor.prepare, most = slowed_and_counted(processor.prepare, 0.3)
     src = tmp_path / "in"
     src.mkdir()
     images = small_images[:5]
@@ -426,24 +432,8 @@ def test_where_each_publish_is_its_own_requests_several_run_side_by_side(tmp_pat
     processor = processor_for(tmp_path, "out")
     assert (processor.publishers, processor.write_group) == (1, 8)
     processor.publishers, processor.write_group = 3, 1  # as an S3 outbox makes them
-    real_finish = processor.finish_many
-    publishing: set[int] = set()
-    most = [0]
-    lock = threading.Lock()
-
-    def finish_many(jobs):
-        assert len(jobs) == 1
-        with lock:
-            publishing.add(threading.get_ident())
-            most[0] = max(most[0], len(publishing))
-        time.sleep(0.3)
-        try:
-            return real_finish(jobs)
-        finally:
-            with lock:
-                publishing.discard(threading.get_ident())
-
-    processor.finish_many = finish_many
+    sizes: list[int] = []
+    processor.finish_many, most = slowed_and_counted(processor.finish_many, 0.3, sizes)
     images = small_images[:6]
     runner = StageRunner(processor, depth=2)
     started = time.monotonic()
@@ -452,7 +442,7 @@ def test_where_each_publish_is_its_own_requests_several_run_side_by_side(tmp_pat
     took = time.monotonic() - started
     runner.close()
     processor.close()
-    assert most[0] == 3
+    assert most[0] == 3 and set(sizes) == {1}
     assert took < 6 * 0.3, took
     assert [r.source.rel for r in results] == [p.name for p in images]
     for p, r in zip(images, results):
