@@ -24,7 +24,7 @@ log = logging.getLogger("superres.pipeline")
 WRITE_GROUP = 8  # at most, below the long-running modes' items in flight (stages.in_flight_for)
 # items published side by side where each write is its own requests (S3): an item's publish is ~5 requests (mark
 # publishing, PUT, HEAD, mark done, its source's record) whose latency, not the CPU, is its cost; one at a time,
-# the writer kept a fast engine waiting (docs/benchmarks.md)
+# the writer kept a fast engine waiting (docs/design.md, docs/benchmarks.md)
 REMOTE_PUBLISHERS = 4
 
 # exceptions of the network libraries that escaped an adapter: a later try may work, the input is not at fault
@@ -189,9 +189,9 @@ class Processor:
         if options.suffix:  # another output name: a source done without it is not done with it
             self.request += f"|suffix={options.suffix}"
         self.batch = self.transform.batch
-        # items the stage runner's writer publishes together: where the ledger and the outbox share commits
-        # (SQLite, a local folder: one fsync for many); one at a time where each write is its own (S3), so no
-        # result waits for another's upload, and then several side by side
+        # items the stage runner's writer publishes together where the ledger and the outbox share commits
+        # (SQLite, a local folder: one fsync for many); where each write is its own (S3) grouping shares
+        # nothing, so items are published one each, several side by side
         grouped = ledger.shares_commits and outbox.shares_commits
         self.write_group = WRITE_GROUP if grouped else 1
         self.publishers = 1 if grouped else REMOTE_PUBLISHERS

@@ -10,10 +10,10 @@ one per extra reader, whatever the number submitted (backpressure: `submit` bloc
 not to). One reader, one engine thread and one writer keep results in submission order and the engine on one
 thread (CUDA contexts and OpenCV's thread pool like one caller). Objects in S3 get REMOTE_READERS readers: their
 reads are request latency, which one reader would add up item after item; those items publish in the order they
-are read. For the same reason an S3 outbox or ledger gets REMOTE_PUBLISHERS publishes side by side (started in
-order, each settling its own Future when done). Encoding, the one CPU stage that grows with the output, runs on a few threads (PNG/JPEG/WebP encoders
-release the GIL), and the writer takes their results in order. Items ready at once share engine calls where the
-engine batches (a GPU).
+are read. For the same reason an S3 outbox or ledger gets `Processor.publishers` publishes side by side
+(started in order, each settling its own Future when done). Encoding, the one CPU stage that grows with the
+output, runs on a few threads (PNG/JPEG/WebP encoders release the GIL), and the writer takes their results in
+order. Items ready at once share engine calls where the engine batches (a GPU).
 
 Side by side (`Processor.lanes` > 1: onnxruntime on a CPU): the engine thread hands each item to one of a few
 lanes, which runs its engine call and then its encode, so small items' networks run several at a time, each on
