@@ -56,6 +56,7 @@ class Place(Protocol):
     def name(self, url: str) -> str: ...
     def etag(self, url: str) -> str | None: ...  # the identity of what is there now; None: nothing
     def stage(self, data: bytes, tag: str): ...
+    def sync_staged(self, staged: list) -> list[Exception | None]: ...  # durable (local: fsynced); each one's error
     def commit_many(self, commits: list[Commit]) -> list[str | Exception]: ...  # each one's URL or error
     def discard(self, staged) -> None: ...  # a staged output that will not be published
     def finish_staged(self, token: str | None, url: str) -> bool: ...
@@ -394,10 +395,10 @@ class Processor:
     # -- phase 3: encode, publish, ledger, disposition -------------------------------------------------------------
 
     def encode(self, job: "Job", workers: int = 1) -> None:
-        """Encode the upscaled frames and stage the bytes (locally: written and fsynced under a temporary name):
-        the staged output, or the error, lands on the job. On its own so that the stage runner's encoders run it
-        on several items at once, off the writer's path; `finish_many` publishes in order. `workers`: threads
-        for one big image's encode (the same bytes)."""
+        """Encode the upscaled frames and stage the bytes (locally: written under a temporary name; `finish_many`
+        fsyncs it): the staged output, or the error, lands on the job. On its own so that the stage runner's
+        encoders run it on several items at once, off the writer's path; `finish_many` publishes in order.
+        `workers`: threads for one big image's encode (the same bytes)."""
         if job.error is not None or job.staged is not None:
             return
         t = time.perf_counter()
@@ -451,6 +452,8 @@ class Processor:
 
         live = self._each_item(range(len(jobs)), fail, ready)
         t = time.perf_counter()
+        # the staged bytes on disk before the ledger names them: a recovery renames what a publishing mark names
+        live = self._each(live, fail, lambda: self.outbox.sync_staged([jobs[i].staged for i in live]))
         # fenced: a process that lost its claim stops here, before the outbox is touched
         live = self._each(live, fail, lambda: self.ledger.mark_publishing_many(
             [Publishing(jobs[i].key, jobs[i].generation, jobs[i].staged.token) for i in live]))

@@ -48,6 +48,23 @@ def test_sixteen_bit_keeps_depth_and_matches_eight_bit():
     assert len(np.unique(out16 % 257)) > 10  # real 16-bit values, not 8-bit scaled up
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_the_one_call_conversion_rounds_and_saturates_as_numpy_does(dtype):
+    from models.engines.dnn_superres_io import scaled_to_uint, to_uint
+
+    maxval = np.float32(np.iinfo(dtype).max)
+    # every k + 0.5 level (ties: half to even), the floats either side of them, and values past both ends
+    levels = np.arange(-3, int(maxval) + 4, 1 if dtype == np.uint8 else 37, dtype=np.float64)
+    ties = ((levels + 0.5) / float(maxval)).astype(np.float32)
+    near = np.concatenate([np.nextafter(ties, np.float32(-2)), ties, np.nextafter(ties, np.float32(2))])
+    noise = np.random.default_rng(7).uniform(-0.25, 1.25, 50_000).astype(np.float32)
+    for values in (near.reshape(3, -1), noise.reshape(250, 200)):
+        expected = to_uint(values * maxval, dtype)
+        got = scaled_to_uint(values, maxval, dtype)
+        assert got.dtype == dtype and got.shape == values.shape
+        assert np.array_equal(got, expected), f"{int((got != expected).sum())} values differ"
+
+
 def test_one_pixel_image():
     spec = CATALOG["espcn-x3"]
     out = OpenCVEngine(spec, SHARED_MODELS / spec.filename).upscale(np.full((1, 1, 3), 128, np.uint8))

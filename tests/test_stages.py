@@ -451,3 +451,35 @@ def test_where_each_publish_is_its_own_requests_several_run_side_by_side(tmp_pat
         assert cv2.imread(r.output).shape[:2] == (2 * h, 2 * w)
     assert runner.pending() == 0
     assert not [t for t in threading.enumerate() if t.name.startswith("superres-publish")]
+
+
+def test_each_output_is_fsynced_by_the_writer_before_the_ledger_names_it(tmp_path, small_images, monkeypatch):
+    """A publishing mark names a staged temp file, and a recovery renames what it names into the outbox, so that
+    file must be on disk first: the writer fsyncs it before the mark. The lanes and encoders that write it do
+    not wait for the disk (their cores would sit idle)."""
+    processor = processor_for(tmp_path, "out")
+    events: list[tuple[str, str, str]] = []  # (what, thread, temp path)
+    real_fsync, real_mark = os.fsync, processor.ledger.mark_publishing_many
+
+    def fsync(fd):
+        events.append(("fsync", threading.current_thread().name, os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def mark_publishing_many(marks):
+        for mark in marks:
+            events.append(("marked", threading.current_thread().name, mark.temp.partition(":")[2]))
+        return real_mark(marks)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    processor.ledger.mark_publishing_many = mark_publishing_many
+    runner = StageRunner(processor, depth=2)
+    results = [f.result(timeout=120) for f in [runner.submit(LocalFile(p, p.name)) for p in small_images[:6]]]
+    runner.close()
+    processor.close()
+    assert [r.outcome for r in results] == ["done"] * 6
+    marked = [(i, path) for i, (what, _, path) in enumerate(events) if what == "marked"]
+    assert len(marked) == 6
+    for i, temp in marked:
+        synced = [j for j, (what, thread, path) in enumerate(events) if what == "fsync" and path == temp]
+        assert synced and synced[0] < i, f"{temp} was named before it was fsynced"
+        assert {events[j][1] for j in synced} == {"superres-write"}, "a temp file was fsynced off the writer"

@@ -106,18 +106,37 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_temp(data: bytes, temp: Path) -> None:
-    """Write and fsync a temporary file (in the destination's filesystem, so the rename is atomic)."""
+def write_temp(data: bytes, temp: Path, *, durable: bool = True) -> None:
+    """Write a temporary file (in the destination's filesystem, so the rename is atomic), fsynced; with
+    `durable=False` not yet: `sync_temp` before anything names it."""
     try:
         temp.parent.mkdir(parents=True, exist_ok=True)
         with open(temp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
     except OSError as exc:
         temp.unlink(missing_ok=True)
-        kind = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror
-        raise TransientError(f"writing the output failed: {kind}", stage="publish") from None
+        raise _write_failed(exc) from None
+
+
+def sync_temp(temp: Path) -> None:
+    """fsync a temporary file written with `durable=False` (a write-back error surfaces here: the file goes)."""
+    try:
+        fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise _write_failed(exc) from None
+
+
+def _write_failed(exc: OSError) -> TransientError:
+    kind = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror
+    return TransientError(f"writing the output failed: {kind}", stage="publish")
 
 
 def commit_temp(temp: Path, final: Path) -> None:
@@ -355,11 +374,25 @@ class LocalPlace:
         return self.tmp_dir / f"{tag}.{os.getpid()}.tmp"
 
     def stage(self, data: bytes, tag: str) -> Staged:
-        """The output fsynced under a temporary name. The token is `INODE:PATH`: after the rename the output
-        has the temp file's inode, which is how a later process tells our publish from an older file."""
+        """The output under a temporary name, not fsynced yet (`sync_staged`). The token is `INODE:PATH`: after
+        the rename the output has the temp file's inode, which is how a later process tells our publish from an
+        older file."""
         temp = self._temp(tag)
-        write_temp(data, temp)
+        write_temp(data, temp, durable=False)
         return Staged(f"{os.stat(temp).st_ino}:{temp}")
+
+    def sync_staged(self, staged: list[Staged]) -> list[Exception | None]:
+        """fsync each staged file, in the writer: before the ledger marks it publishing (what a recovery renames
+        must be whole), and not in the lanes that encoded it, whose cores would sit idle while the disk writes
+        (docs/benchmarks.md). Each one's error (the file is then gone), or None."""
+        errors: list[Exception | None] = []
+        for s in staged:
+            try:
+                sync_temp(self._staged(s.token)[1])
+                errors.append(None)
+            except TransientError as exc:
+                errors.append(exc)
+        return errors
 
     @staticmethod
     def _staged(token: str) -> tuple[int | None, Path]:

@@ -96,6 +96,10 @@ class S3Place:
         self.objects.publish(self.bucket, key, staged.data, content_type=content_type, metadata=metadata)
         return f"s3://{self.bucket}/{key}"
 
+    def sync_staged(self, staged: list[Staged]) -> list[Exception | None]:
+        """Nothing was written before the PUT."""
+        return [None] * len(staged)
+
     def discard(self, staged: Staged) -> None:
         """Nothing was written before the PUT."""
 
