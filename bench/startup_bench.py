@@ -1,8 +1,11 @@
 """Start-up and end-to-end benchmark (issue 13), whole processes, medians of interleaved runs, as ratios.
 
     .venv/bin/python bench/startup_bench.py [--model fsrcnn-x4] [--rounds 7] [--images 60] [--engines auto,opencv,...]
+        [--also-code DIR]
 
-(an engine as ENGINE/N runs it with --lanes N: `--engines auto,onnxruntime/1` shows what two lanes bring)
+(an engine as ENGINE/N runs it with --lanes N: `--engines auto,onnxruntime/1` shows what two lanes bring;
+`--also-code DIR` adds each engine's row again with another checkout's code, e.g. `git worktree add DIR COMMIT`:
+the code before a change and after it, in the same interleaved rounds)
 
 1. Start-up: one 64x64 image, the whole process (interpreter, imports, model load, run, write), `superres upscale`
    with each engine vs the seed script (bench/seed_upscale.py: cv2.dnn_superres read, upsample, write).
@@ -51,26 +54,32 @@ def one_small_image(folder: Path) -> Path:
     return path
 
 
-def commands(spec, engines: list[str], inputs: list[Path], out: Path, input_arg: Path) -> dict[str, list[str]]:
+def commands(spec, engines: list[str], inputs: list[Path], out: Path, input_arg: Path,
+             also_code: Path | None = None) -> dict[str, tuple[list[str], dict]]:
+    """label -> (command, environment additions)."""
     model_file = SHARED / "models" / spec.filename
-    cmds = {"seed script": [sys.executable, str(REPO / "bench" / "seed_upscale.py"), str(model_file), spec.algorithm,
-                            str(spec.scale), str(out), *map(str, inputs)]}
+    cmds = {"seed script": ([sys.executable, str(REPO / "bench" / "seed_upscale.py"), str(model_file), spec.algorithm,
+                             str(spec.scale), str(out), *map(str, inputs)], {})}
+    codes = [("", {})] + ([(f" (code at {also_code.name})", {"PYTHONPATH": str(also_code)})] if also_code else [])
     for entry in engines:  # ENGINE, or ENGINE/LANES: that engine with --lanes LANES (e.g. onnxruntime/1)
         engine, _, lanes = entry.partition("/")
         label = f"superres --engine {engine}" + (f" --lanes {lanes}" if lanes else "")
-        cmds[label] = [str(BIN / "superres"), "upscale", str(input_arg), "--out", str(out), "--engine", engine,
-                       "--model", spec.name, "--model-dir", str(SHARED / "models"), "-q",
-                       *(["--lanes", lanes] if lanes else [])]
+        command = [str(BIN / "superres"), "upscale", str(input_arg), "--out", str(out), "--engine", engine,
+                   "--model", spec.name, "--model-dir", str(SHARED / "models"), "-q",
+                   *(["--lanes", lanes] if lanes else [])]
+        for suffix, extra in codes:  # PYTHONPATH comes before the editable install's finder
+            cmds[label + suffix] = (command, extra)
     return cmds
 
 
-def run_rounds(cmds: dict[str, list[str]], out: Path, rounds: int, env: dict) -> dict[str, list[float]]:
+def run_rounds(cmds: dict[str, tuple[list[str], dict]], out: Path, rounds: int, env: dict) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in cmds}
     for _ in range(rounds):
-        for name, cmd in cmds.items():
+        for name, (cmd, extra) in cmds.items():
             shutil.rmtree(out, ignore_errors=True)
             start = time.perf_counter()
-            subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(cmd, env={**env, **extra}, check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -95,12 +104,17 @@ def main() -> None:
     parser.add_argument("--engines", default="auto,opencv,onnxruntime,torch")
     parser.add_argument("--skip-startup", action="store_true")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--also-code", type=Path, help="another checkout whose code runs the same rows again")
     args = parser.parse_args()
     spec = get_model(args.model)
+    also = args.also_code.resolve() if args.also_code else None
+    if also is not None and not (also / "pipeline" / "stages.py").is_file():
+        parser.error(f"--also-code {args.also_code}: not a checkout of this project")
     # our modules' bytecode, as `pip install` compiles it: an editable checkout (PYTHONDONTWRITEBYTECODE set, or
     # files just edited) would otherwise compile them again in every timed process
-    for package in ("handler", "pipeline", "models"):
-        compileall.compile_dir(str(REPO / package), quiet=1)
+    for root in (REPO, also) if also else (REPO,):
+        for package in ("handler", "pipeline", "models"):
+            compileall.compile_dir(str(root / package), quiet=1)
     engines = [e for e in args.engines.split(",") if e]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -109,15 +123,15 @@ def main() -> None:
         out = tmp / "out"
         one = one_small_image(tmp / "one")
         # warm-up: the ONNX conversion is cached by the model file's checksum (as after a first use)
-        run_rounds(commands(spec, engines, [one], out, one), out, 1, env)
+        run_rounds(commands(spec, engines, [one], out, one, also), out, 1, env)
         print(f"model {spec.name}; {os.cpu_count()} cores; medians of {args.rounds} interleaved rounds; "
               f"python {sys.version.split()[0]}, OpenCV {cv2.__version__}")
         if not args.skip_startup:
-            times = run_rounds(commands(spec, engines, [one], out, one), out, args.rounds, env)
+            times = run_rounds(commands(spec, engines, [one], out, one, also), out, args.rounds, env)
             table("start-up: one 64x64 image, whole process", times, 1)
         if not args.skip_e2e:
             images = small_images(args.images, tmp / "many")
-            times = run_rounds(commands(spec, engines, images, out, tmp / "many"), out, args.rounds, env)
+            times = run_rounds(commands(spec, engines, images, out, tmp / "many", also), out, args.rounds, env)
             table(f"end to end: {len(images)} small images (Set14 + BSD100 LR x4), whole process", times, len(images))
 
 
