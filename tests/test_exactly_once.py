@@ -240,16 +240,16 @@ def s3_claim_owner(s3) -> str | None:
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_item_costs_nothing_and_a_second_message_waits_for_the_first(aws, tmp_path):
-    """Visibility 60 s, lease 120 s, maxReceiveCount 5, as the defaults' ratios: worker A is SIGKILLed mid-item;
+    """Visibility 30 s, lease 60 s, maxReceiveCount 5, as the defaults' ratios: worker A is SIGKILLed mid-item;
     B gets a second message for the same content while A's claim still runs, then A's message. Both wait for
     the claim to be taken over instead of burning receives: every output made, the DLQ empty."""
     s3, sqs, endpoint = aws
-    queue, dlq = queue_with_dlq(sqs, max_receives=5, visibility=60)
+    queue, dlq = queue_with_dlq(sqs, max_receives=5, visibility=30)
     big_photo(tmp_path / "big.png", side=1000)
     data = (tmp_path / "big.png").read_bytes()
     s3.put_object(Bucket="inbox", Key="drop/first.png", Body=data)
     s3.put_object(Bucket="inbox", Key="drop/second.png", Body=data)
-    timing = ["--visibility-s", "60", "--lease-s", "120"]
+    timing = ["--visibility-s", "30", "--lease-s", "60"]
     a = worker(endpoint, queue, tmp_path / "a.log", *timing)
     b = None
     try:
