@@ -423,10 +423,10 @@ class Processor:
         return self.finish_many([job])[0]
 
     def finish_many(self, jobs: list["Job"]) -> list[Result]:
-        """Publish several encoded items at once, in order: one ledger transaction marks them publishing, the
-        renames share one folder fsync, one synced transaction marks them done (the group commit that keeps the
-        writer ahead of the engine on small images). Each item's failure is its own; the others go on, and an
-        item never leaves here still holding its claim."""
+        """Publish several encoded items at once, in order: their staged files fsynced, one ledger transaction
+        marks them publishing, the renames share one folder fsync, one synced transaction marks them done (the
+        group commit that keeps the writer ahead of the engine on small images). Each item's failure is its own;
+        the others go on, and an item never leaves here still holding its claim."""
         results: list[Result | None] = [None] * len(jobs)
 
         def fail(i: int, exc: BaseException) -> None:
