@@ -98,12 +98,17 @@ def read_limited(path: Path, max_bytes: int, *, root: Path | None = None) -> tup
     return data, st
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path, *, folder: bool = False) -> None:
+    """fsync a file (or, `folder`, a folder's entries) by its name: any descriptor of it flushes the same data."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if folder else 0))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fsync_path(path, folder=True)
 
 
 def write_temp(data: bytes, temp: Path, *, durable: bool = True) -> None:
@@ -124,11 +129,7 @@ def write_temp(data: bytes, temp: Path, *, durable: bool = True) -> None:
 def sync_temp(temp: Path) -> None:
     """fsync a temporary file written with `durable=False` (a write-back error surfaces here: the file goes)."""
     try:
-        fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(temp)
     except OSError as exc:
         temp.unlink(missing_ok=True)
         raise _write_failed(exc) from None
@@ -148,8 +149,7 @@ def commit_temp(temp: Path, final: Path) -> None:
 def copy_file_atomic(src: Path, final: Path, temp: Path) -> None:
     temp.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, temp)
-    with open(temp, "rb+") as f:
-        os.fsync(f.fileno())
+    fsync_path(temp)
     commit_temp(temp, final)
 
 
@@ -299,8 +299,7 @@ class LocalFile:
             return
         temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         shutil.copyfile(taken, temp, follow_symlinks=False)
-        with open(temp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_path(temp)
         os.replace(temp, target)
         os.unlink(taken)
 
